@@ -1,0 +1,1 @@
+"""The ``moefx`` command and its rich views, installed as ``moefx.cli`` (arrives with the CLI issue)."""

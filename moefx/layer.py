@@ -1,0 +1,164 @@
+"""``moefx.MoE``: a gated Mixture-of-Experts feed-forward layer built on moefx's custom ops.
+
+Legend: T tokens, D model dim, H expert hidden dim, E experts, K top-k, S = T*K slots.
+
+    x_TD ─▶ router ─▶ moefx::route ─▶ weights_TK, experts_TK
+    x_TD, experts_TK ─▶ moefx::permute ─▶ x_SD (grouped by expert), offsets_E1
+    x_SD ─▶ moefx::grouped_linear ─▶ act(gate)·up ─▶ moefx::grouped_linear ─▶ y_SD
+    y_SD, weights_TK ─▶ moefx::unpermute ─▶ out_TD (+ shared experts)
+
+After each forward the layer keeps its routing (for ``aux_loss()``) and its token counts (for
+``stats()``) as device tensors; nothing is copied to the host unless a caller asks.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from moefx.activations import make_activation
+from moefx.config import MoEConfig
+from moefx.dispatch import LocalDispatcher
+from moefx.experts import DenseFFN, ExpertMid, GroupedExperts
+from moefx.losses import load_balance_loss, z_loss
+from moefx.routers import Routing, make_router
+from moefx.template import FFNTemplate
+
+
+@dataclass(frozen=True)
+class MoEStats:
+    """Counts of the last forward, as device tensors (``.tolist()`` / ``int()`` syncs)."""
+
+    tokens_per_expert: Tensor  # int64 [E]: choices each expert computed
+    routed_per_expert: Tensor  # int64 [E]: choices routed to each expert before capacity
+    dropped: Tensor  # int64 []: choices not computed (past capacity, or skipped by the router)
+
+    def as_dict(self) -> dict:
+        """Plain Python numbers (one device-to-host copy)."""
+        return {
+            "tokens_per_expert": self.tokens_per_expert.tolist(),
+            "routed_per_expert": self.routed_per_expert.tolist(),
+            "dropped": int(self.dropped),
+        }
+
+
+class MoE(nn.Module):
+    """Mixture-of-Experts FFN: input ``(..., d_model)``, output the same shape.
+
+    Build it from options, ``MoE(d_model=512, d_hidden=1024, num_experts=8, top_k=2)`` (every
+    ``MoEConfig`` field is a keyword), from a config, ``MoE(config)``, or from a dense FFN with
+    ``MoE.from_ffn(template, num_experts=8, init="upcycle")``.
+    """
+
+    def __init__(self, config: MoEConfig | None = None, *, device=None, dtype=None, **options) -> None:
+        super().__init__()
+        if config is None:
+            config = MoEConfig(**options)
+        elif options:
+            raise TypeError(f"MoE takes a config or keyword options, not both (got config and {sorted(options)})")
+        self.config = config
+        factory = {"device": device, "dtype": dtype}
+        activation = make_activation(config.activation)
+        self.router = make_router(config, **factory)
+        self.experts = GroupedExperts(
+            config.d_model, config.d_hidden, config.num_experts, ExpertMid(activation, config.gated), config.bias,
+            **factory,
+        )
+        self.shared_experts = None
+        if config.num_shared_experts:
+            shared_mid = ExpertMid(copy.deepcopy(activation), config.gated)
+            self.shared_experts = DenseFFN(
+                config.d_model, config.num_shared_experts * config.d_hidden, shared_mid, config.bias, **factory
+            )
+        self.dispatcher = LocalDispatcher()
+        self._last_routing: Routing | None = None
+        self._last_stats: MoEStats | None = None
+
+    @classmethod
+    def from_ffn(
+        cls, template: FFNTemplate, *, num_experts: int, top_k: int = 2, init: str = "upcycle",
+        drop_fraction: float = 0.5, device=None, dtype=None, **options,
+    ) -> MoE:
+        """An MoE whose experts are initialised from a dense FFN (see ``moefx.init``)."""
+        from moefx.init import INIT_STRATEGIES, init_from_template
+
+        if init not in INIT_STRATEGIES:
+            raise ValueError(f"init={init!r} is unknown: must be one of {list(INIT_STRATEGIES)}")
+        d_hidden = template.d_hidden
+        if init == "split":
+            if d_hidden % num_experts:
+                raise ValueError(
+                    f"init='split' partitions d_hidden={d_hidden} among num_experts={num_experts}, which must "
+                    f"divide it; choose num_experts among the divisors of {d_hidden}"
+                )
+            d_hidden //= num_experts
+            # The router starts at zero, so each of k experts gets weight 1/k; see moefx.init.split.
+            options.setdefault("routed_scale", float(num_experts))
+        activation = template.activation
+        if isinstance(activation, nn.Module):
+            activation = copy.deepcopy(activation)
+        config = MoEConfig(
+            d_model=template.d_model, d_hidden=d_hidden, num_experts=num_experts, top_k=top_k,
+            activation=activation, gated=template.gated, bias=template.has_bias, **options,
+        )
+        weight = template.up_weight
+        moe = cls(config, device=device or weight.device, dtype=dtype or weight.dtype)
+        init_from_template(moe, template, init, drop_fraction=drop_fraction)
+        return moe
+
+    def forward(self, x: Tensor) -> Tensor:
+        D = self.config.d_model
+        if x.shape[-1] != D:
+            raise ValueError(
+                f"MoE(d_model={D}) got an input of shape {tuple(x.shape)}: its last dimension must be {D}, "
+                f"i.e. shape (..., {D})"
+            )
+        x_TD = x.reshape(-1, D)
+        routing = self.router(x_TD)
+        capacity = self.config.capacity(x_TD.shape[0])
+        x_SD, meta = self.dispatcher.dispatch(x_TD, routing.experts_TK, self.config.num_experts, capacity)
+        y_SD = self.experts(x_SD, meta.offsets_E1)
+        weights_TK = routing.weights_TK
+        if self.config.routed_scale != 1.0:
+            weights_TK = weights_TK * self.config.routed_scale
+        out_TD = self.dispatcher.combine(y_SD, weights_TK, meta)
+        if self.shared_experts is not None:
+            out_TD = out_TD + self.shared_experts(x_TD)
+        if not torch.compiler.is_exporting():  # an exported program has no module state to update
+            self._last_routing = routing
+            offsets_E1 = meta.offsets_E1
+            self._last_stats = MoEStats(
+                tokens_per_expert=(offsets_E1[1:] - offsets_E1[:-1]).detach(),
+                routed_per_expert=routing.counts_E.detach(),
+                dropped=(meta.row_slot_S.shape[0] - offsets_E1[-1]).detach(),
+            )
+        return out_TD.view(x.shape)
+
+    def aux_loss(self) -> Tensor:
+        """This layer's weighted router losses from its last forward (0-dim, differentiable)."""
+        if self._last_routing is None:
+            raise RuntimeError("MoE.aux_loss() needs a forward first: the losses come from the last forward's routing")
+        logits_TE = self._last_routing.logits_TE
+        loss = logits_TE.new_zeros(())
+        if self.config.load_balance_coef:
+            counts_E = self._last_routing.counts_E
+            loss = loss + self.config.load_balance_coef * load_balance_loss(logits_TE, counts_E, self.config.top_k)
+        if self.config.z_loss_coef:
+            loss = loss + self.config.z_loss_coef * z_loss(logits_TE)
+        return loss
+
+    def stats(self) -> MoEStats:
+        """Token counts of the last forward (device tensors; no sync until read)."""
+        if self._last_stats is None:
+            raise RuntimeError("MoE.stats() needs a forward first")
+        return self._last_stats
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"d_model={c.d_model}, d_hidden={c.d_hidden}, num_experts={c.num_experts}, top_k={c.top_k}, "
+            f"gate={c.gate!r}, capacity_factor={c.capacity_factor}"
+        )

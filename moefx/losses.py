@@ -1,0 +1,23 @@
+"""Router losses (Switch/GShard load balancing, ST-MoE z-loss) and their sum over a model.
+
+Legend: T tokens, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def load_balance_loss(logits_TE: Tensor, counts_E: Tensor, top_k: int) -> Tensor:
+    """E * sum_e f_e * P_e: f_e the fraction of routed choices that went to expert e (no
+    gradient), P_e the mean router probability of e. Equals 1 when routing is uniform."""
+    num_tokens, num_experts = logits_TE.shape
+    fraction_E = counts_E.to(logits_TE.dtype) / (num_tokens * top_k)
+    mean_prob_E = torch.softmax(logits_TE, dim=-1).mean(dim=0)
+    return num_experts * (fraction_E * mean_prob_E).sum()
+
+
+def z_loss(logits_TE: Tensor) -> Tensor:
+    """mean_t logsumexp(logits_t)^2: keeps router logits small (ST-MoE)."""
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()

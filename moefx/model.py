@@ -1,0 +1,33 @@
+"""Model-wide helpers over every MoE layer in a module tree."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from moefx.layer import MoE
+
+
+def moe_layers(model: nn.Module) -> Iterator[tuple[str, MoE]]:
+    """``(module path, layer)`` for every MoE in ``model``; a layer shared by several parents once."""
+    for name, module in model.named_modules():
+        if isinstance(module, MoE):
+            yield name, module
+
+
+def aux_loss(model: nn.Module) -> Tensor:
+    """Sum of the router losses (load balance + z-loss, with their coefficients) of every MoE
+    layer's last forward: a 0-dim tensor to add to the training loss before ``backward()``.
+
+        loss = task_loss + moefx.aux_loss(model)
+
+    Layers that have not run yet are skipped; with none, the result is a zero tensor. A layer
+    called several times in one forward contributes its last call.
+    """
+    losses = [layer.aux_loss() for _, layer in moe_layers(model) if layer._last_routing is not None]
+    if not losses:
+        param = next(model.parameters(), None)
+        return torch.zeros((), device=None if param is None else param.device)
+    return torch.stack(losses).sum()
