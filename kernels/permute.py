@@ -7,7 +7,8 @@ Layout of the permuted buffer ``x_SD`` (always S rows, so shapes never depend on
 
     rows [offsets[e], offsets[e+1])  the slots routed to expert e, highest priority first
     rows [offsets[E], S)             dropped slots: past capacity, or routed to expert E
-                                     (the "nowhere" expert a router uses to skip a choice)
+                                     (the "nowhere" expert a router uses to skip a choice),
+                                     by expert, in the same priority
 
 Priority inside an expert follows GShard: every token's first choice in token order, then every
 second choice, and so on. With ``capacity`` set, an expert keeps its first ``capacity`` slots.

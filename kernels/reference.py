@@ -35,21 +35,22 @@ def route(logits_TE: Tensor, top_k: int, renormalize: bool, softmax_first: bool)
 
 
 def dispatch_layout(experts_TK: Tensor, num_experts: int, capacity: int | None) -> tuple[list[int], list[int]]:
-    """``(row_slot, offsets)`` as lists: slots by expert, in (choice, token) priority, capacity applied."""
+    """``(row_slot, offsets)`` as lists: slots by expert, in (choice, token) priority, capacity applied;
+    then the dropped slots, by expert (the nowhere expert E last), in the same priority."""
     T, K = experts_TK.shape
     kept: list[list[int]] = [[] for _ in range(num_experts)]
-    dropped: list[int] = []
+    dropped: list[list[int]] = [[] for _ in range(num_experts + 1)]
     for k in range(K):
         for t in range(T):
             e, slot = int(experts_TK[t, k]), t * K + k
             if e < num_experts and (capacity is None or len(kept[e]) < capacity):
                 kept[e].append(slot)
             else:
-                dropped.append(slot)
+                dropped[e].append(slot)
     offsets = [0]
     for rows in kept:
         offsets.append(offsets[-1] + len(rows))
-    return [slot for rows in kept for slot in rows] + dropped, offsets
+    return [slot for rows in kept + dropped for slot in rows], offsets
 
 
 def permute(x_TD: Tensor, experts_TK: Tensor, num_experts: int, capacity: int | None) -> tuple[Tensor, list[int], list[int]]:

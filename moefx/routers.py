@@ -21,6 +21,11 @@ import moefx.kernels  # noqa: F401  (registers torch.ops.moefx)
 from moefx.config import MoEConfig
 
 
+def _upcast(t: Tensor) -> Tensor:
+    """fp32 for bf16/fp16/fp32, fp64 stays fp64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 @dataclass(frozen=True)
 class Routing:
     """What a router decided for one forward."""
@@ -46,10 +51,10 @@ class TopKRouter(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
 
     def compute_logits(self, x_TD: Tensor) -> Tensor:
-        x_TD = x_TD.float()
+        x_TD = _upcast(x_TD)
         if self.training and self.jitter > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.jitter, 1 + self.jitter)
-        return F.linear(x_TD, self.weight.float())
+        return F.linear(x_TD, _upcast(self.weight))
 
     def select(self, routing: Routing) -> Routing:
         """Hook to change the choices after top-k (GShard's random routing)."""
@@ -102,7 +107,7 @@ class NoisyTopKRouter(TopKRouter):
         logits_TE = super().compute_logits(x_TD)
         if not self.training:
             return logits_TE
-        noise_std_TE = F.softplus(F.linear(x_TD.float(), self.noise_weight.float()))
+        noise_std_TE = F.softplus(F.linear(_upcast(x_TD), _upcast(self.noise_weight)))
         return logits_TE + torch.randn_like(logits_TE) * noise_std_TE
 
 

@@ -1,0 +1,52 @@
+import pytest
+
+import moefx
+
+BASE = dict(d_model=8, d_hidden=16, num_experts=4, top_k=2)
+
+BAD = [
+    ("num_experts", 0, r"num_experts=0.*>= 1"),
+    ("top_k", 0, r"top_k=0.*\[1, num_experts=4\]"),
+    ("top_k", 5, r"top_k=5.*\[1, num_experts=4\]"),
+    ("capacity_factor", 0.0, r"capacity_factor=0.0.*> 0"),
+    ("capacity_factor", -1.5, r"capacity_factor=-1.5.*> 0"),
+    ("gate", "expert_choice", r"gate='expert_choice'.*'topk', 'switch', 'gshard', 'noisy_topk'"),
+    ("activation", "swish2", r"activation='swish2'.*silu"),
+    ("d_hidden", 0, r"d_hidden=0.*>= 1"),
+    ("d_model", -3, r"d_model=-3.*>= 1"),
+    ("num_shared_experts", -1, r"num_shared_experts=-1.*>= 0"),
+]
+
+
+@pytest.mark.parametrize("field,value,message", BAD, ids=[f"{f}={v}" for f, v, _ in BAD])
+def test_bad_config_names_field_value_and_range(field, value, message):
+    with pytest.raises(ValueError, match=rf"MoEConfig\.{message}"):
+        moefx.MoEConfig(**{**BASE, field: value})
+    with pytest.raises(ValueError, match=rf"MoEConfig\.{message}"):
+        moefx.MoE(**{**BASE, field: value})
+
+
+def test_router_kinds_fix_their_top_k():
+    with pytest.raises(ValueError, match=r"top_k=2.*gate='switch'"):
+        moefx.MoEConfig(**{**BASE, "gate": "switch"})
+    with pytest.raises(ValueError, match=r"top_k=1.*gate='gshard'"):
+        moefx.MoEConfig(**{**BASE, "top_k": 1, "gate": "gshard"})
+
+
+def test_config_is_frozen_and_keyword_only():
+    config = moefx.MoEConfig(**BASE)
+    with pytest.raises(AttributeError):
+        config.top_k = 1
+    with pytest.raises(TypeError):
+        moefx.MoEConfig(8, 16, 4)
+
+
+def test_capacity_formula():
+    config = moefx.MoEConfig(**BASE, capacity_factor=1.25)
+    assert config.capacity(100) == 63  # ceil(1.25 * 100 * 2 / 4) = ceil(62.5)
+    assert moefx.MoEConfig(**BASE).capacity(100) is None
+
+
+def test_callable_activation_is_accepted():
+    layer = moefx.MoE(**BASE, activation=lambda h: h * 2)
+    assert layer.experts.mid.act(__import__("torch").ones(1)).item() == 2
