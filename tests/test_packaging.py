@@ -1,0 +1,22 @@
+"""The wheel installs passes/, kernels/ and cli/ under moefx, and nothing else at the top."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_maps_top_level_folders_under_moefx(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+        check=True, capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("moefx-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {name.split("/")[0] for name in names}
+    assert top == {"moefx", next(t for t in top if t.endswith(".dist-info"))}
+    for package in ("passes", "kernels", "cli"):
+        assert f"moefx/{package}/__init__.py" in names
+    assert "moefx/kernels/grouped_linear.py" in names
