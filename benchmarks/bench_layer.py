@@ -224,7 +224,8 @@ def bench_shape(shape: Shape, names: list[str], args, device: torch.device, dtyp
                 step(fn, params, x, grad)
             sync(device)
         except Exception as e:  # noqa: BLE001  (any failure of a third-party impl is a skip, not a crash)
-            skipped.append(Result(shape.name, name, skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"))
+            first_line = next(iter(str(e).splitlines()), "")[:120]
+            skipped.append(Result(shape.name, name, skipped=f"{type(e).__name__}: {first_line}"))
             continue
         if name == "hf_grouped_mm":
             result.note = grouped_mm_note(module, x)
@@ -285,6 +286,8 @@ def print_targets(shape: Shape, results: list[Result], device: torch.device) -> 
         where = "" if device.type == "cpu" else " (a CPU target; this run is on " + device.type + ")"
         verdict = "met" if dense_ratio >= target else "MISSED"
         checks.append(f"dense/moefx {dense_ratio:.3f} >= {target} [{verdict}]{where}")
+    elif dense_ratio is not None:
+        checks.append(f"dense/moefx {dense_ratio:.3f} (no target for this shape)")
     print(f"{shape.name} moefx targets: " + ("; ".join(checks) or "nothing to compare against"))
 
 

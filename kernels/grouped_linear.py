@@ -35,17 +35,19 @@ def _check(x_SI: Tensor, weight_EOI: Tensor, bias_EO: Tensor | None, offsets_E1:
         raise ValueError(f"moefx::grouped_linear: offsets shape {tuple(offsets_E1.shape)} must be ({E + 1},)")
 
 
-def _segments(offsets_E1: Tensor) -> list[tuple[int, int, int]]:
-    """(expert, start, end) of every non-empty segment."""
+def _segments(offsets_E1: Tensor) -> tuple[list[tuple[int, int, int]], int]:
+    """(expert, start, end) of every non-empty segment, and the number of kept rows."""
     bounds = offsets_E1.tolist()  # NOTE: device-to-host sync; free on CPU, device kernels avoid it.
-    return [(e, a, b) for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
+    return [(e, a, b) for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a], bounds[-1]
 
 
 @torch.library.custom_op("moefx::grouped_linear", mutates_args=())
 def grouped_linear(x_SI: Tensor, weight_EOI: Tensor, bias_EO: Tensor | None, offsets_E1: Tensor) -> Tensor:
     _check(x_SI, weight_EOI, bias_EO, offsets_E1)
-    y_SO = x_SI.new_zeros((x_SI.shape[0], weight_EOI.shape[1]))
-    for e, a, b in _segments(offsets_E1):
+    segments, kept = _segments(offsets_E1)
+    y_SO = x_SI.new_empty((x_SI.shape[0], weight_EOI.shape[1]))
+    y_SO[kept:].zero_()
+    for e, a, b in segments:
         if bias_EO is None:
             torch.mm(x_SI[a:b], weight_EOI[e].t(), out=y_SO[a:b])
         else:
@@ -64,10 +66,16 @@ def grouped_linear_backward(
     grad_y_SO: Tensor, x_SI: Tensor, weight_EOI: Tensor, offsets_E1: Tensor, need_x: bool, need_weight: bool, need_bias: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns ``(grad_x_SI, grad_weight_EOI, grad_bias_EO)``; a gradient not needed is an empty tensor."""
-    grad_x_SI = torch.zeros_like(x_SI) if need_x else x_SI.new_empty(0)
-    grad_weight_EOI = torch.zeros_like(weight_EOI) if need_weight else weight_EOI.new_empty(0)
+    segments, kept = _segments(offsets_E1)
+    # Only what no segment writes is zeroed: dropped rows, and experts that got no rows.
+    grad_x_SI = torch.empty_like(x_SI) if need_x else x_SI.new_empty(0)
+    grad_x_SI[kept:].zero_()
+    empty_experts = len(segments) < weight_EOI.shape[0]
+    grad_weight_EOI = weight_EOI.new_empty(0)
+    if need_weight:
+        grad_weight_EOI = torch.zeros_like(weight_EOI) if empty_experts else torch.empty_like(weight_EOI)
     grad_bias_EO = weight_EOI.new_zeros(weight_EOI.shape[:2]) if need_bias else weight_EOI.new_empty(0)
-    for e, a, b in _segments(offsets_E1):
+    for e, a, b in segments:
         g = grad_y_SO[a:b]
         if need_x:
             torch.mm(g, weight_EOI[e], out=grad_x_SI[a:b])

@@ -81,16 +81,16 @@ def _(x_TD, experts_TK, num_experts, capacity):
 
 def _setup_context(ctx, inputs, output):
     _, experts_TK, _, _ = inputs
-    _, _, slot_row_S, _ = output
-    ctx.save_for_backward(slot_row_S)
+    _, row_slot_S, slot_row_S, _ = output
+    ctx.save_for_backward(row_slot_S, slot_row_S)
     ctx.top_k = experts_TK.shape[1]
 
 
 def _backward(ctx, grad_x_SD, grad_row_slot, grad_slot_row, grad_offsets):
-    (slot_row_S,) = ctx.saved_tensors
+    row_slot_S, slot_row_S = ctx.saved_tensors
     T = slot_row_S.shape[0] // ctx.top_k
     ones_TK = grad_x_SD.new_ones((T, ctx.top_k))
-    grad_x_TD = torch.ops.moefx.unpermute(grad_x_SD, ones_TK, slot_row_S)
+    grad_x_TD = torch.ops.moefx.unpermute(grad_x_SD, ones_TK, slot_row_S, row_slot_S)
     return grad_x_TD, None, None, None
 
 

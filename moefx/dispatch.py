@@ -34,4 +34,4 @@ class LocalDispatcher:
         return x_SD, DispatchMeta(row_slot_S, slot_row_S, offsets_E1)
 
     def combine(self, y_SD: Tensor, weights_TK: Tensor, meta: DispatchMeta) -> Tensor:
-        return torch.ops.moefx.unpermute(y_SD, weights_TK, meta.slot_row_S)
+        return torch.ops.moefx.unpermute(y_SD, weights_TK, meta.slot_row_S, meta.row_slot_S)

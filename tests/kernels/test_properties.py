@@ -54,9 +54,9 @@ def test_permute_then_unpermute_with_unit_weights_is_identity(routing):
     T, E = logits.shape
     x = torch.randn(T, 6, dtype=torch.float64)
     _, experts, _ = torch.ops.moefx.route(logits, K, True, True)
-    x_SD, _, slot_row, _ = torch.ops.moefx.permute(x, experts, E, None)
+    x_SD, row_slot, slot_row, _ = torch.ops.moefx.permute(x, experts, E, None)
     # Unit weights (each 1/K, summing to one per token) give every token back unchanged.
     unit = torch.full((T, K), 1.0 / K, dtype=torch.float64)
-    torch.testing.assert_close(torch.ops.moefx.unpermute(x_SD, unit, slot_row), x)
+    torch.testing.assert_close(torch.ops.moefx.unpermute(x_SD, unit, slot_row, row_slot), x)
     # Weight one on each choice sums K copies.
-    torch.testing.assert_close(torch.ops.moefx.unpermute(x_SD, torch.ones_like(unit), slot_row), K * x)
+    torch.testing.assert_close(torch.ops.moefx.unpermute(x_SD, torch.ones_like(unit), slot_row, row_slot), K * x)

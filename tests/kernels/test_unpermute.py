@@ -15,7 +15,7 @@ def test_unpermute_matches_reference(case, T, E, K, kind):
     _, row_slot, slot_row, _ = torch.ops.moefx.permute(torch.randn(T, 1), experts, E, None)
     y = torch.randn(T * K, 3, dtype=torch.float64, requires_grad=True)
     w = torch.rand(T, K, dtype=torch.float64, requires_grad=True)
-    out = torch.ops.moefx.unpermute(y, w, slot_row)
+    out = torch.ops.moefx.unpermute(y, w, slot_row, row_slot)
     ref_y, ref_w = y.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     ref_out = reference.unpermute(ref_y, ref_w, row_slot.tolist())
     torch.testing.assert_close(out, ref_out)
@@ -30,18 +30,19 @@ def test_unpermute_matches_reference(case, T, E, K, kind):
 @pytest.mark.parametrize("K", [1, 2, 4])
 def test_unpermute_opcheck_and_gradcheck(K):
     T, E = 7, 5
-    _, _, slot_row, _ = torch.ops.moefx.permute(torch.randn(T, 1), choices("random", T, E, K), E, None)
+    _, row_slot, slot_row, _ = torch.ops.moefx.permute(torch.randn(T, 1), choices("random", T, E, K), E, None)
     y = torch.randn(T * K, 3, dtype=torch.float64, requires_grad=True)
     w = torch.rand(T, K, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(torch.ops.moefx.unpermute, (y, w, slot_row))
-    torch.autograd.gradcheck(lambda y, w: torch.ops.moefx.unpermute(y, w, slot_row), (y, w))
+    torch.library.opcheck(torch.ops.moefx.unpermute, (y, w, slot_row, row_slot))
+    torch.autograd.gradcheck(lambda y, w: torch.ops.moefx.unpermute(y, w, slot_row, row_slot), (y, w))
 
 
 def test_unpermute_bf16_accumulates_in_fp32():
     y = torch.randn(8, 16)
     w = torch.rand(4, 2)
     slot_row = torch.randperm(8)
-    want = torch.ops.moefx.unpermute(y.to(torch.bfloat16).float(), w, slot_row)
-    got = torch.ops.moefx.unpermute(y.to(torch.bfloat16), w, slot_row)
+    row_slot = torch.argsort(slot_row)
+    want = torch.ops.moefx.unpermute(y.to(torch.bfloat16).float(), w, slot_row, row_slot)
+    got = torch.ops.moefx.unpermute(y.to(torch.bfloat16), w, slot_row, row_slot)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
