@@ -5,8 +5,8 @@ Legend: T tokens, D model dim, K top-k, S = T*K slots; ``slot_row_S`` and its in
 
     out_TD[t] = sum_k weights_TK[t, k] * y_SD[slot_row_S[t*K + k]]
 
-A gather then a K-term sum per token, in choice order: deterministic, no atomics. The sum runs in at least fp32
-(bf16/fp16 inputs are upcast) and the result has ``y_SD``'s dtype.
+A gather then a K-term sum per token, in choice order: deterministic, no atomics. The sum runs
+in at least fp32 (bf16/fp16 inputs are upcast) and the result has ``y_SD``'s dtype.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ def _compute_dtype(y_SD: Tensor, weights_TK: Tensor) -> torch.dtype:
 
 def _check(y_SD: Tensor, weights_TK: Tensor, slot_row_S: Tensor, row_slot_S: Tensor) -> None:
     S = weights_TK.numel()
-    if y_SD.dim() != 2 or weights_TK.dim() != 2 or y_SD.shape[0] != S or slot_row_S.shape != (S,) or row_slot_S.shape != (S,):
+    shapes_ok = y_SD.dim() == 2 and weights_TK.dim() == 2 and y_SD.shape[0] == S
+    if not shapes_ok or slot_row_S.shape != (S,) or row_slot_S.shape != (S,):
         raise ValueError(
             f"moefx::unpermute expects y [T*K, d], weights [T, K], slot_row and row_slot [T*K], got "
             f"{tuple(y_SD.shape)}, {tuple(weights_TK.shape)}, {tuple(slot_row_S.shape)} and {tuple(row_slot_S.shape)}"
@@ -35,8 +36,8 @@ def unpermute(y_SD: Tensor, weights_TK: Tensor, slot_row_S: Tensor, row_slot_S: 
     dtype = _compute_dtype(y_SD, weights_TK)
     slot_row_TK = slot_row_S.view(T, K)
     weights_TK = weights_TK.to(dtype)
-    # One [T, D] gather per choice instead of one [T*K, D] gather: K is small, and the smaller
-    # temporaries stay in the allocator's reuse range (a fresh large buffer costs page faults).
+    # One [T, D] gather per choice, accumulated in place, instead of one [T*K, D] gather and a
+    # batched matmul: K is small, and this measured faster on CPU (no [T*K, D] temporary).
     out_TD = y_SD.index_select(0, slot_row_TK[:, 0]).to(dtype).mul_(weights_TK[:, :1])
     for k in range(1, K):
         out_TD.addcmul_(y_SD.index_select(0, slot_row_TK[:, k]).to(dtype), weights_TK[:, k : k + 1])

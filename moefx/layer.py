@@ -23,6 +23,7 @@ from moefx.activations import make_activation
 from moefx.config import MoEConfig
 from moefx.dispatch import LocalDispatcher
 from moefx.experts import DenseFFN, ExpertMid, GroupedExperts
+from moefx.init import INIT_STRATEGIES, init_from_template
 from moefx.losses import load_balance_loss, z_loss
 from moefx.routers import Routing, make_router
 from moefx.template import FFNTemplate
@@ -83,8 +84,6 @@ class MoE(nn.Module):
         drop_fraction: float = 0.5, device=None, dtype=None, **options,
     ) -> MoE:
         """An MoE whose experts are initialised from a dense FFN (see ``moefx.init``)."""
-        from moefx.init import INIT_STRATEGIES, init_from_template
-
         if init not in INIT_STRATEGIES:
             raise ValueError(f"init={init!r} is unknown: must be one of {list(INIT_STRATEGIES)}")
         d_hidden = template.d_hidden
