@@ -6,8 +6,8 @@ Device kernels (Triton on CUDA) register for their dispatch key beside the defau
 """
 
 from moefx.kernels.grouped_linear import grouped_linear
-from moefx.kernels.permute import dispatch_layout, permute
+from moefx.kernels.permute import permute
 from moefx.kernels.route import route
 from moefx.kernels.unpermute import unpermute
 
-__all__ = ["dispatch_layout", "grouped_linear", "permute", "route", "unpermute"]
+__all__ = ["grouped_linear", "permute", "route", "unpermute"]

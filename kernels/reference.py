@@ -15,7 +15,7 @@ from torch import Tensor
 def route(logits_TE: Tensor, top_k: int, renormalize: bool, softmax_first: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Per token: sort experts by logit (ties: lower index first), keep K, weight them."""
     T, E = logits_TE.shape
-    logits = logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32))
+    logits = logits_TE.to(torch.float64)
     weights, experts = [], []
     for t in range(T):
         chosen = sorted(range(E), key=lambda e: (-logits[t, e].item(), e))[:top_k]

@@ -16,9 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
+from moefx.kernels.dtypes import at_least_fp32
 
 
 def _check(logits_TE: Tensor, top_k: int) -> None:
@@ -32,7 +30,7 @@ def _check(logits_TE: Tensor, top_k: int) -> None:
 def route(logits_TE: Tensor, top_k: int, renormalize: bool, softmax_first: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Returns ``(weights_TK, experts_TK, counts_E)``; ``counts_E`` is a histogram of ``experts_TK``."""
     _check(logits_TE, top_k)
-    logits = logits_TE.to(_compute_dtype(logits_TE.dtype))
+    logits = logits_TE.to(at_least_fp32(logits_TE.dtype))
     if softmax_first:
         weights_TK, experts_TK = torch.softmax(logits, dim=-1).topk(top_k, dim=-1)
         if renormalize:
@@ -48,7 +46,7 @@ def route(logits_TE: Tensor, top_k: int, renormalize: bool, softmax_first: bool)
 def _(logits_TE, top_k, renormalize, softmax_first):
     _check(logits_TE, top_k)
     T, E = logits_TE.shape
-    weights_TK = logits_TE.new_empty((T, top_k), dtype=_compute_dtype(logits_TE.dtype))
+    weights_TK = logits_TE.new_empty((T, top_k), dtype=at_least_fp32(logits_TE.dtype))
     experts_TK = logits_TE.new_empty((T, top_k), dtype=torch.int64)
     counts_E = logits_TE.new_empty((E,), dtype=torch.int64)
     return weights_TK, experts_TK, counts_E
@@ -59,7 +57,7 @@ def route_backward(
     grad_weights_TK: Tensor, logits_TE: Tensor, experts_TK: Tensor, renormalize: bool, softmax_first: bool
 ) -> Tensor:
     """Gradient of the logits from the gradient of the weights (indices and counts carry none)."""
-    dtype = _compute_dtype(logits_TE.dtype)
+    dtype = at_least_fp32(logits_TE.dtype)
     logits = logits_TE.to(dtype)
     g_TK = grad_weights_TK.to(dtype)
     if softmax_first:

@@ -14,9 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def _compute_dtype(y_SD: Tensor, weights_TK: Tensor) -> torch.dtype:
-    return torch.promote_types(torch.promote_types(y_SD.dtype, weights_TK.dtype), torch.float32)
+from moefx.kernels.dtypes import at_least_fp32
 
 
 def _check(y_SD: Tensor, weights_TK: Tensor, slot_row_S: Tensor, row_slot_S: Tensor) -> None:
@@ -33,7 +31,7 @@ def _check(y_SD: Tensor, weights_TK: Tensor, slot_row_S: Tensor, row_slot_S: Ten
 def unpermute(y_SD: Tensor, weights_TK: Tensor, slot_row_S: Tensor, row_slot_S: Tensor) -> Tensor:
     _check(y_SD, weights_TK, slot_row_S, row_slot_S)
     T, K = weights_TK.shape
-    dtype = _compute_dtype(y_SD, weights_TK)
+    dtype = at_least_fp32(y_SD.dtype, weights_TK.dtype)
     slot_row_TK = slot_row_S.view(T, K)
     weights_TK = weights_TK.to(dtype)
     # One [T, D] gather per choice, accumulated in place, instead of one [T*K, D] gather and a
@@ -57,7 +55,7 @@ def unpermute_backward(
     """Returns ``(grad_y_SD, grad_weights_TK)``, computed in row order: one gather of the
     output gradient serves both (row r holds slot s = row_slot[r] of token s // K)."""
     T, K = weights_TK.shape
-    dtype = _compute_dtype(y_SD, weights_TK)
+    dtype = at_least_fp32(y_SD.dtype, weights_TK.dtype)
     g_SD = grad_out_TD.index_select(0, row_slot_S // K).to(dtype)
     grad_w_S = torch.einsum("sd,sd->s", y_SD.to(dtype), g_SD)
     grad_weights_TK = torch.empty_like(grad_w_S).scatter_(0, row_slot_S, grad_w_S).view(T, K)

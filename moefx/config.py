@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Callable
 
 from moefx.activations import ACTIVATIONS
 
 GATES = ("topk", "switch", "gshard", "noisy_topk")
+# (renormalize, softmax_first) of each gate: topk's are defaults, the others' are fixed by the method.
+GATE_ROUTING = {"topk": (True, True), "switch": (False, True), "gshard": (True, True), "noisy_topk": (True, False)}
 # Switch Transformer's default multiplicative input jitter.
 SWITCH_JITTER = 0.01
 
@@ -18,13 +21,22 @@ def _require(ok: bool, field: str, value: object, allowed: str) -> None:
         raise ValueError(f"MoEConfig.{field}={value!r} is invalid: {allowed}")
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
 @dataclass(frozen=True, kw_only=True)
 class MoEConfig:
     """Options of one MoE layer.
 
     Routing: ``gate`` picks the router. ``topk`` is token-choice top-k over a softmax, with
-    ``renormalize`` (divide the top-k weights by their sum) and ``softmax_first`` (softmax over all
-    experts before top-k, or over the k chosen logits after it). ``switch`` is top-1 with input
+    ``renormalize`` (divide the top-k weights by their sum; default True) and ``softmax_first``
+    (softmax over all experts before top-k, or over the k chosen logits after it; default True);
+    the other gates fix both (``GATE_ROUTING``) and refuse a value that contradicts them. ``switch`` is top-1 with input
     jitter (``router_jitter``, default 0.01 for switch, 0 otherwise), ``gshard`` top-2 with the
     second expert kept at random in training with probability 2·w2, ``noisy_topk`` adds learned
     Gaussian noise to the logits in training. ``capacity_factor=None`` is dropless; a number caps
@@ -41,8 +53,8 @@ class MoEConfig:
     gated: bool = True
     bias: bool = False
     gate: str = "topk"
-    renormalize: bool = True
-    softmax_first: bool = True
+    renormalize: bool | None = None
+    softmax_first: bool | None = None
     router_jitter: float | None = None
     capacity_factor: float | None = None
     load_balance_coef: float = 0.01
@@ -53,36 +65,58 @@ class MoEConfig:
     def __post_init__(self) -> None:
         for name in ("d_model", "d_hidden", "num_experts"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and value >= 1, name, value, "must be an integer >= 1")
+            _require(_is_int(value) and value >= 1, name, value, "must be an integer >= 1")
         _require(
-            isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts,
+            _is_int(self.top_k) and 1 <= self.top_k <= self.num_experts,
             "top_k", self.top_k, f"must be an integer in [1, num_experts={self.num_experts}]",
         )
+        for name in ("gated", "bias"):
+            value = getattr(self, name)
+            _require(isinstance(value, bool), name, value, "must be True or False")
         _require(
-            callable(self.activation) or self.activation in ACTIVATIONS,
+            callable(self.activation) or (isinstance(self.activation, str) and self.activation in ACTIVATIONS),
             "activation", self.activation, f"must be one of {sorted(ACTIVATIONS)} or a row-wise callable",
         )
-        _require(self.gate in GATES, "gate", self.gate, f"must be one of {list(GATES)}")
+        _require(isinstance(self.gate, str) and self.gate in GATES, "gate", self.gate, f"must be one of {list(GATES)}")
+        self._resolve_routing()
         if self.gate == "switch":
             _require(self.top_k == 1, "top_k", self.top_k, "must be 1 for gate='switch'")
         if self.gate == "gshard":
             _require(self.top_k == 2, "top_k", self.top_k, "must be 2 for gate='gshard'")
         if self.capacity_factor is not None:
             _require(
-                isinstance(self.capacity_factor, (int, float)) and math.isfinite(self.capacity_factor)
-                and self.capacity_factor > 0,
+                _is_number(self.capacity_factor) and self.capacity_factor > 0,
                 "capacity_factor", self.capacity_factor, "must be None (dropless) or a number > 0",
             )
+            ratio = Fraction(str(self.capacity_factor))
+            object.__setattr__(self, "_capacity_ratio", (ratio.numerator, ratio.denominator))
         if self.router_jitter is not None:
-            _require(0 <= self.router_jitter < 1, "router_jitter", self.router_jitter, "must be in [0, 1)")
+            _require(
+                _is_number(self.router_jitter) and 0 <= self.router_jitter < 1,
+                "router_jitter", self.router_jitter, "must be None (the gate's default) or a number in [0, 1)",
+            )
         for name in ("load_balance_coef", "z_loss_coef"):
             value = getattr(self, name)
-            _require(value >= 0, name, value, "must be >= 0")
-        _require(self.routed_scale > 0, "routed_scale", self.routed_scale, "must be > 0")
+            _require(_is_number(value) and value >= 0, name, value, "must be a finite number >= 0")
         _require(
-            isinstance(self.num_shared_experts, int) and self.num_shared_experts >= 0,
+            _is_number(self.routed_scale) and self.routed_scale > 0, "routed_scale", self.routed_scale,
+            "must be a finite number > 0",
+        )
+        _require(
+            _is_int(self.num_shared_experts) and self.num_shared_experts >= 0,
             "num_shared_experts", self.num_shared_experts, "must be an integer >= 0",
         )
+
+    def _resolve_routing(self) -> None:
+        """Fill ``renormalize``/``softmax_first`` from the gate; a gate other than topk fixes them."""
+        for name, implied in zip(("renormalize", "softmax_first"), GATE_ROUTING[self.gate]):
+            value = getattr(self, name)
+            if value is None:
+                object.__setattr__(self, name, implied)
+                continue
+            _require(isinstance(value, bool), name, value, "must be None (the gate's default), True or False")
+            if self.gate != "topk":
+                _require(value == implied, name, value, f"gate={self.gate!r} uses {name}={implied}")
 
     @property
     def jitter(self) -> float:
@@ -94,4 +128,7 @@ class MoEConfig:
         """Slots each expert keeps per forward, or None when dropless."""
         if self.capacity_factor is None:
             return None
-        return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
+        # Integer arithmetic on the factor as written (1.1 * 50 * 2 / 10 is 11, where floats give
+        # ceil(11.000000000000002) = 12); it also traces under torch.compile with symbolic tokens.
+        numerator, denominator = self._capacity_ratio
+        return -(-(numerator * num_tokens * self.top_k) // (denominator * self.num_experts))

@@ -104,7 +104,8 @@ class MoE(nn.Module):
             activation=activation, gated=template.gated, bias=template.has_bias, **options,
         )
         weight = template.up_weight
-        moe = cls(config, device=device or weight.device, dtype=dtype or weight.dtype)
+        device = weight.device if device is None else device
+        moe = cls(config, device=device, dtype=weight.dtype if dtype is None else dtype)
         init_from_template(moe, template, init, drop_fraction=drop_fraction)
         return moe
 
@@ -114,6 +115,11 @@ class MoE(nn.Module):
             raise ValueError(
                 f"MoE(d_model={D}) got an input of shape {tuple(x.shape)}: its last dimension must be {D}, "
                 f"i.e. shape (..., {D})"
+            )
+        if x.dtype != self.experts.in_proj.dtype:
+            raise ValueError(
+                f"MoE got an input of dtype {x.dtype} but its weights are {self.experts.in_proj.dtype}: "
+                f"cast the input, or the layer with .to({x.dtype})"
             )
         x_TD = x.reshape(-1, D)
         routing = self.router(x_TD)

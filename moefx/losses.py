@@ -1,4 +1,4 @@
-"""Router losses (Switch/GShard load balancing, ST-MoE z-loss) and their sum over a model.
+"""Router losses: Switch/GShard load balancing and the ST-MoE z-loss. An empty batch gives 0.
 
 Legend: T tokens, E experts, K top-k.
 """
@@ -13,6 +13,8 @@ def load_balance_loss(logits_TE: Tensor, counts_E: Tensor, top_k: int) -> Tensor
     """E * sum_e f_e * P_e: f_e the fraction of routed choices that went to expert e (no
     gradient), P_e the mean router probability of e. Equals 1 when routing is uniform."""
     num_tokens, num_experts = logits_TE.shape
+    if num_tokens == 0:
+        return logits_TE.sum()
     fraction_E = counts_E.to(logits_TE.dtype) / (num_tokens * top_k)
     mean_prob_E = torch.softmax(logits_TE, dim=-1).mean(dim=0)
     return num_experts * (fraction_E * mean_prob_E).sum()
@@ -20,4 +22,6 @@ def load_balance_loss(logits_TE: Tensor, counts_E: Tensor, top_k: int) -> Tensor
 
 def z_loss(logits_TE: Tensor) -> Tensor:
     """mean_t logsumexp(logits_t)^2: keeps router logits small (ST-MoE)."""
+    if logits_TE.shape[0] == 0:
+        return logits_TE.sum()
     return torch.logsumexp(logits_TE, dim=-1).square().mean()

@@ -24,7 +24,9 @@ def aux_loss(model: nn.Module) -> Tensor:
         loss = task_loss + moefx.aux_loss(model)
 
     Layers that have not run yet are skipped; with none, the result is a zero tensor. A layer
-    called several times in one forward contributes its last call.
+    called several times in one forward contributes its last call, and a layer skipped by the
+    latest forward (LayerDrop, conditional blocks) still holds, and contributes, its previous
+    call: models that skip layers should add each layer's ``aux_loss()`` where it runs.
     """
     losses = [layer.aux_loss() for _, layer in moe_layers(model) if layer._last_routing is not None]
     if not losses:

@@ -19,11 +19,11 @@ from torch import Tensor, nn
 
 import moefx.kernels  # noqa: F401  (registers torch.ops.moefx)
 from moefx.config import MoEConfig
+from moefx.kernels.dtypes import at_least_fp32
 
 
 def _upcast(t: Tensor) -> Tensor:
-    """fp32 for bf16/fp16/fp32, fp64 stays fp64."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+    return t.to(at_least_fp32(t.dtype))
 
 
 @dataclass(frozen=True)
@@ -69,20 +69,13 @@ class TopKRouter(nn.Module):
 
 
 class SwitchRouter(TopKRouter):
-    """Switch Transformer: top-1, the weight is the softmax probability, input jitter in training."""
-
-    def __init__(self, config: MoEConfig, **factory) -> None:
-        super().__init__(config, **factory)
-        self.renormalize, self.softmax_first = False, True
+    """Switch Transformer: top-1, the weight is the softmax probability (``renormalize=False``),
+    input jitter in training (``MoEConfig.router_jitter``)."""
 
 
 class GShardRouter(TopKRouter):
     """GShard: top-2, renormalised; in training the second expert is dispatched with probability
     min(1, 2 * w2), where w2 is its renormalised weight, else it is skipped."""
-
-    def __init__(self, config: MoEConfig, **factory) -> None:
-        super().__init__(config, **factory)
-        self.renormalize, self.softmax_first = True, True
 
     def select(self, routing: Routing) -> Routing:
         if not self.training:
@@ -95,11 +88,11 @@ class GShardRouter(TopKRouter):
 
 
 class NoisyTopKRouter(TopKRouter):
-    """Shazeer et al. 2017: logits + N(0, 1) * softplus(x W_noise) in training, softmax over the top-k."""
+    """Shazeer et al. 2017: logits + N(0, 1) * softplus(x W_noise) in training, softmax over the
+    top-k (``softmax_first=False``)."""
 
     def __init__(self, config: MoEConfig, *, device=None, dtype=None) -> None:
         super().__init__(config, device=device, dtype=dtype)
-        self.softmax_first = False
         # Zero noise weights start the noise at softplus(0) = 0.69 for every expert.
         self.noise_weight = nn.Parameter(torch.zeros(config.num_experts, config.d_model, device=device, dtype=dtype))
 

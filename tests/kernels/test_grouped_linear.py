@@ -81,6 +81,12 @@ def test_grouped_linear_low_precision_close_to_fp32(dtype):
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=1e-1)
 
 
+@pytest.mark.parametrize("offsets", [[1, 2, 4], [0, 3, 2], [0, 2, 5]])
+def test_grouped_linear_rejects_offsets_that_are_not_a_layout(offsets):
+    with pytest.raises(ValueError, match=r"offsets \[.*\] must start at 0"):
+        torch.ops.moefx.grouped_linear(torch.randn(4, 5), torch.randn(2, 3, 5), None, torch.tensor(offsets))
+
+
 def test_grouped_linear_rejects_wrong_in_features():
     with pytest.raises(ValueError, match=r"\(4, 5\).*\(2, 3, 6\)"):
         torch.ops.moefx.grouped_linear(torch.randn(4, 5), torch.randn(2, 3, 6), None, torch.tensor([0, 2, 4]))

@@ -38,11 +38,14 @@ def test_unpermute_opcheck_and_gradcheck(K):
 
 
 def test_unpermute_bf16_accumulates_in_fp32():
-    y = torch.randn(8, 16)
-    w = torch.rand(4, 2)
-    slot_row = torch.randperm(8)
+    """Eight bf16 terms summed with a single final rounding: the result is the exact sum rounded
+    once to bf16. Summing in bf16 would round after every term and miss it for many tokens."""
+    T, K = 512, 8
+    y = torch.randn(T * K, 16).to(torch.bfloat16)
+    w = torch.rand(T, K)
+    slot_row = torch.randperm(T * K)
     row_slot = torch.argsort(slot_row)
-    want = torch.ops.moefx.unpermute(y.to(torch.bfloat16).float(), w, slot_row, row_slot)
-    got = torch.ops.moefx.unpermute(y.to(torch.bfloat16), w, slot_row, row_slot)
+    exact = (w.double().unsqueeze(2) * y.double()[slot_row].view(T, K, 16)).sum(1)
+    got = torch.ops.moefx.unpermute(y, w, slot_row, row_slot)
     assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+    assert (got == exact.to(torch.bfloat16)).float().mean() > 0.99

@@ -7,6 +7,7 @@ the combine are written out from their definitions (MoEConfig and moefx.kernels.
 from __future__ import annotations
 
 import math
+from decimal import Decimal
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ def reference_moe(layer, x):
         choices.append(list(zip(order, w)))
 
     # Capacity: all first choices in token order, then all second choices, ...
-    capacity = None if c.capacity_factor is None else math.ceil(c.capacity_factor * T * K / E)
+    capacity = None if c.capacity_factor is None else math.ceil(Decimal(repr(c.capacity_factor)) * T * K / E)
     used = [0] * E
     kept = set()
     for k in range(K):
@@ -56,6 +57,10 @@ def reference_moe(layer, x):
             acc = acc + c.routed_scale * w.to(x.dtype) * y
         out.append(acc)
     out = torch.stack(out)
-    if layer.shared_experts is not None:
-        out = out + layer.shared_experts(x_TD)
+    shared = layer.shared_experts
+    if shared is not None:
+        h = F.linear(x_TD, shared.in_proj.weight, shared.in_proj.bias)
+        width = h.shape[-1] // 2
+        h = act(h[:, :width]) * h[:, width:] if c.gated else act(h)
+        out = out + F.linear(h, shared.out_proj.weight, shared.out_proj.bias)
     return out.view(x.shape), sorted(kept)

@@ -15,6 +15,12 @@ BAD = [
     ("d_hidden", 0, r"d_hidden=0.*>= 1"),
     ("d_model", -3, r"d_model=-3.*>= 1"),
     ("num_shared_experts", -1, r"num_shared_experts=-1.*>= 0"),
+    ("num_experts", True, r"num_experts=True.*integer"),
+    ("gated", "no", r"gated='no'.*True or False"),
+    ("routed_scale", float("inf"), r"routed_scale=inf.*finite"),
+    ("load_balance_coef", None, r"load_balance_coef=None.*finite number"),
+    ("router_jitter", "0.1", r"router_jitter='0.1'.*\[0, 1\)"),
+    ("activation", ["silu"], r"activation=\['silu'\]"),
 ]
 
 
@@ -24,6 +30,14 @@ def test_bad_config_names_field_value_and_range(field, value, message):
         moefx.MoEConfig(**{**BASE, field: value})
     with pytest.raises(ValueError, match=rf"MoEConfig\.{message}"):
         moefx.MoE(**{**BASE, field: value})
+
+
+def test_gates_fix_their_routing_options_and_refuse_contradictions():
+    assert moefx.MoEConfig(**{**BASE, "top_k": 1, "gate": "switch"}).renormalize is False
+    assert moefx.MoEConfig(**{**BASE, "gate": "noisy_topk"}).softmax_first is False
+    assert moefx.MoEConfig(**{**BASE, "renormalize": False}).renormalize is False
+    with pytest.raises(ValueError, match=r"renormalize=True.*gate='switch' uses renormalize=False"):
+        moefx.MoEConfig(**{**BASE, "top_k": 1, "gate": "switch", "renormalize": True})
 
 
 def test_router_kinds_fix_their_top_k():
@@ -45,6 +59,8 @@ def test_capacity_formula():
     config = moefx.MoEConfig(**BASE, capacity_factor=1.25)
     assert config.capacity(100) == 63  # ceil(1.25 * 100 * 2 / 4) = ceil(62.5)
     assert moefx.MoEConfig(**BASE).capacity(100) is None
+    # 1.1 * 50 * 2 / 10 is 11 exactly; float arithmetic would give ceil(11.000000000000002) = 12.
+    assert moefx.MoEConfig(**{**BASE, "num_experts": 10}, capacity_factor=1.1).capacity(50) == 11
 
 
 def test_callable_activation_is_accepted():

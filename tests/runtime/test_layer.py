@@ -5,6 +5,9 @@ import moefx
 from tests.runtime.reference_moe import reference_moe
 
 CONFIGS = {
+    "switch-eval": dict(num_experts=4, top_k=1, gate="switch"),
+    "gshard-eval-capacity": dict(num_experts=4, top_k=2, gate="gshard", capacity_factor=0.75),
+    "noisy-topk-eval": dict(num_experts=5, top_k=3, gate="noisy_topk"),
     "gated-k2": dict(num_experts=4, top_k=2),
     "plain-gelu-bias-k1": dict(num_experts=5, top_k=1, gated=False, activation="gelu", bias=True),
     "k4-no-renorm": dict(num_experts=6, top_k=4, renormalize=False),
@@ -17,11 +20,7 @@ CONFIGS = {
 
 def _layer(**options):
     torch.manual_seed(0)
-    return moefx.MoE(d_model=6, d_hidden=10, dtype=torch.float64, **options)
-
-
-def _params(layer):
-    return [p for p in layer.parameters()]
+    return moefx.MoE(d_model=6, d_hidden=10, dtype=torch.float64, **options).eval()
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -38,8 +37,9 @@ def test_layer_matches_slow_loop_outputs_and_all_gradients(name):
     assert int(layer.stats().dropped) == x[..., 0].numel() * layer.config.top_k - len(kept)
 
     grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, [x, *_params(layer)], grad)
-    want = torch.autograd.grad(ref_out, [ref_x, *_params(layer)], grad, allow_unused=True, materialize_grads=True)
+    # allow_unused: the noisy router's noise weight takes no part in eval.
+    got = torch.autograd.grad(out, [x, *layer.parameters()], grad, allow_unused=True, materialize_grads=True)
+    want = torch.autograd.grad(ref_out, [ref_x, *layer.parameters()], grad, allow_unused=True, materialize_grads=True)
     names = ["input", *[n for n, _ in layer.named_parameters()]]
     for n, g, w in zip(names, got, want):
         torch.testing.assert_close(g, w, msg=lambda m: f"gradient of {n}: {m}")
@@ -80,9 +80,30 @@ def test_low_precision_forward_backward_close_to_fp32(dtype):
     assert got.dtype == dtype
     assert low.router(x_low).weights_TK.dtype == torch.float32, "router math must stay fp32"
     torch.testing.assert_close(got.float(), want, rtol=5e-2, atol=5e-2)
-    got.float().sum().backward()
-    assert x_low.grad.dtype == dtype and torch.isfinite(x_low.grad.float()).all()
-    assert low.experts.in_proj.grad.dtype == dtype
+    grad = torch.randn_like(want)
+    got.backward(grad.to(dtype))
+    assert x_low.grad.dtype == dtype and low.experts.in_proj.grad.dtype == dtype
+    low_grads = [x_low.grad, low.experts.in_proj.grad, low.router.weight.grad]
+    layer32 = layer.to(torch.float32)
+    layer32.zero_grad()
+    x32 = x.clone().requires_grad_()
+    layer32(x32).backward(grad)
+    for g_low, g32 in zip(low_grads, [x32.grad, layer32.experts.in_proj.grad, layer32.router.weight.grad]):
+        torch.testing.assert_close(g_low.float(), g32, rtol=5e-2, atol=5e-2 * g32.abs().max().item())
+
+
+def test_empty_batch_gives_empty_output_and_zero_losses():
+    layer = moefx.MoE(d_model=8, d_hidden=16, num_experts=4, top_k=2, capacity_factor=1.0)
+    out = layer(torch.randn(0, 5, 8))
+    assert out.shape == (0, 5, 8)
+    assert float(moefx.aux_loss(layer)) == 0.0
+    assert int(layer.stats().dropped) == 0
+
+
+def test_input_dtype_must_match_the_layer():
+    layer = moefx.MoE(d_model=8, d_hidden=16, num_experts=2, top_k=1, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"torch.float32.*torch.bfloat16"):
+        layer(torch.randn(3, 8))
 
 
 def test_wrong_last_dimension_names_both_shapes():
