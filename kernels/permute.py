@@ -10,6 +10,7 @@ Layout of the permuted buffer ``x_SD`` (always S rows, so shapes never depend on
                                      (the "nowhere" expert a router uses to skip a choice),
                                      by expert, in the same priority
 
+Expert ids must lie in [0, E]; they are not checked, since that would cost a device-to-host sync.
 Priority inside an expert follows GShard: every token's first choice in token order, then every
 second choice, and so on. With ``capacity`` set, an expert keeps its first ``capacity`` slots.
 
