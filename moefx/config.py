@@ -36,10 +36,10 @@ class MoEConfig:
     Routing: ``gate`` picks the router. ``topk`` is token-choice top-k over a softmax, with
     ``renormalize`` (divide the top-k weights by their sum; default True) and ``softmax_first``
     (softmax over all experts before top-k, or over the k chosen logits after it; default True);
-    the other gates fix both (``GATE_ROUTING``) and refuse a value that contradicts them. ``switch`` is top-1 with input
-    jitter (``router_jitter``, default 0.01 for switch, 0 otherwise), ``gshard`` top-2 with the
-    second expert kept at random in training with probability 2·w2, ``noisy_topk`` adds learned
-    Gaussian noise to the logits in training. ``capacity_factor=None`` is dropless; a number caps
+    the other gates fix both (``GATE_ROUTING``) and refuse a value that contradicts them.
+    ``switch`` is top-1 with input jitter (``router_jitter``, default 0.01 for switch, 0
+    otherwise), ``gshard`` top-2 with the second expert kept at random in training with
+    probability 2·w2, ``noisy_topk`` adds learned Gaussian noise to the logits in training. ``capacity_factor=None`` is dropless; a number caps
     every expert at ``ceil(capacity_factor * tokens * top_k / num_experts)`` slots per forward.
     ``routed_scale`` multiplies the routed experts' combined output (the ``split`` init sets it
     to ``num_experts``). ``num_shared_experts`` adds always-on experts of ``d_hidden`` each.

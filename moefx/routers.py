@@ -51,7 +51,7 @@ class TopKRouter(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
 
     def compute_logits(self, x_TD: Tensor) -> Tensor:
-        x_TD = _upcast(x_TD)
+        """Logits from the input already upcast to at least fp32."""
         if self.training and self.jitter > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.jitter, 1 + self.jitter)
         return F.linear(x_TD, _upcast(self.weight))
@@ -61,7 +61,7 @@ class TopKRouter(nn.Module):
         return routing
 
     def forward(self, x_TD: Tensor) -> Routing:
-        logits_TE = self.compute_logits(x_TD)
+        logits_TE = self.compute_logits(_upcast(x_TD))
         weights_TK, experts_TK, counts_E = torch.ops.moefx.route(
             logits_TE, self.top_k, self.renormalize, self.softmax_first
         )
@@ -100,7 +100,7 @@ class NoisyTopKRouter(TopKRouter):
         logits_TE = super().compute_logits(x_TD)
         if not self.training:
             return logits_TE
-        noise_std_TE = F.softplus(F.linear(_upcast(x_TD), _upcast(self.noise_weight)))
+        noise_std_TE = F.softplus(F.linear(x_TD, _upcast(self.noise_weight)))
         return logits_TE + torch.randn_like(logits_TE) * noise_std_TE
 
 

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 import moefx
 
@@ -65,4 +66,4 @@ def test_capacity_formula():
 
 def test_callable_activation_is_accepted():
     layer = moefx.MoE(**BASE, activation=lambda h: h * 2)
-    assert layer.experts.mid.act(__import__("torch").ones(1)).item() == 2
+    assert layer.experts.mid.act(torch.ones(1)).item() == 2
