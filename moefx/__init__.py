@@ -1,13 +1,19 @@
 """moefx: turn the feed-forward blocks of any PyTorch model into Mixture-of-Experts layers.
 
-Public API (see DESIGN.md): ``MoE``, ``MoEConfig``, ``FFNTemplate``, ``moe_layers``, ``aux_loss``.
+Public API (see DESIGN.md): ``moefy``, ``find_ffns``, ``MoE``, ``MoEConfig``, ``FFNTemplate``, ``moe_layers``,
+``aux_loss``.
 """
 
 from moefx.config import MoEConfig
 from moefx.layer import MoE, MoEStats
 from moefx.model import aux_loss, moe_layers
 from moefx.template import FFNTemplate
+from moefx.passes.driver import NoFFNFound, find_ffns, moefy  # noqa: E402  (needs the runtime above)
+from moefx.passes.find_ffn import FFNMatch
 
 __version__ = "0.1.0"
 
-__all__ = ["FFNTemplate", "MoE", "MoEConfig", "MoEStats", "aux_loss", "moe_layers", "__version__"]
+__all__ = [
+    "FFNMatch", "FFNTemplate", "MoE", "MoEConfig", "MoEStats", "NoFFNFound", "aux_loss", "find_ffns", "moe_layers",
+    "moefy", "__version__",
+]

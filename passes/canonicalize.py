@@ -1,0 +1,162 @@
+"""canonicalize: every form of linear to ``normal_form.linear``; assertion nodes dropped.
+
+    before                                         after
+    %t   = aten.t(%w)                              %y = normal_form.linear(%x, %w, bias=%b)
+    %mm  = aten.matmul(%x, %t)
+    %y   = aten.add(%mm, %b)
+
+    %v   = aten.view(%x, [-1, 768])                %y = normal_form.linear(%x, %W, bias=%b,
+    %a   = aten.addmm(%b, %v, %W)   (Conv1D)                                 transposed=True)
+    %y   = aten.view(%a, [2, 8, 3072])
+
+    call_module[fc1] (nn.Linear)                   %y = normal_form.linear(%x, %fc1.weight, bias=%fc1.bias)
+
+Forms: ``linear``/``F.linear``, ``addmm`` (with the views around it when the shapes show they
+only flatten the leading dims), ``mm``/``matmul`` (+ ``add`` of a 1-D bias), ``nn.Linear``
+modules, with the weight as stored (``[out, in]``) or transposed (``[in, out]``, or read through
+``t``/``transpose``/``permute``). Activations and no-ops stay as they are: ``ops`` classifies them
+(pointwise ops are one class; dropout, identity and casts are transparent) and ``activation``
+names an activation when a match needs it. The graph still computes what the model computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import fx, nn
+
+from moefx.passes import normal_form
+from moefx.passes.ops import ASSERTIONS, arg, op_name, shape_of
+
+
+@dataclass(frozen=True)
+class Canonicalized:
+    linears: int  # normal-form linears in the graph after the pass
+    rewritten: int  # nodes that were rewritten into that form
+    erased: int  # assertion nodes removed
+
+
+def canonicalize(gm: fx.GraphModule) -> Canonicalized:
+    graph = gm.graph
+    erased = rewritten = 0
+    for node in list(graph.nodes):
+        name = op_name(node, gm)
+        if (name in ASSERTIONS or (node.op == "call_module" and node.target == "_guards_fn")) and not node.users:
+            graph.erase_node(node)
+            erased += 1
+        elif name == "linear" and node.op == "call_module":
+            rewritten += _from_module(gm, node)
+        elif name == "linear" and not normal_form.is_linear(node):
+            rewritten += _replace(node, node.args[0], arg(node, 1, "weight"), arg(node, 2, "bias"), False, node)
+        elif name == "addmm":
+            rewritten += _from_addmm(gm, node)
+        elif name in ("mm", "matmul"):
+            rewritten += _from_matmul(gm, node)
+    if rewritten or erased:
+        graph.eliminate_dead_code()
+        graph.lint()
+        gm.recompile()
+    linears = sum(normal_form.is_linear(n) for n in graph.nodes)
+    return Canonicalized(linears=linears, rewritten=rewritten, erased=erased)
+
+
+def _replace(old: fx.Node, x, weight, bias, transposed: bool, last: fx.Node) -> int:
+    """Insert the normal form before ``old`` and send ``last``'s users to it."""
+    with old.graph.inserting_before(old):
+        new = old.graph.call_function(
+            normal_form.linear, (x, weight), {"bias": bias, "transposed": transposed}
+        )
+    new.meta = dict(last.meta)
+    new.meta["nn_module_stack"] = old.meta.get("nn_module_stack", last.meta.get("nn_module_stack"))
+    last.replace_all_uses_with(new)
+    return 1
+
+
+def _from_module(gm: fx.GraphModule, node: fx.Node) -> int:
+    module: nn.Linear = gm.get_submodule(node.target)
+    graph = gm.graph
+    with graph.inserting_before(node):
+        weight = graph.get_attr(f"{node.target}.weight")
+        bias = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
+    for n in (weight, bias):
+        if n is not None:
+            n.meta["nn_module_stack"] = node.meta.get("nn_module_stack")
+    _replace(node, node.args[0], weight, bias, False, node)
+    graph.erase_node(node)
+    return 1
+
+
+def _weight_source(node) -> tuple[fx.Node, bool] | None:
+    """The get_attr a matmul's right operand reads, and whether it is stored ``[in, out]``."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "get_attr":
+        return node, True
+    name = op_name(node)
+    src = node.args[0] if node.args else None
+    if not (isinstance(src, fx.Node) and src.op == "get_attr"):
+        return None
+    if name in ("t", "mT", "numpy_T") or (name == "transpose" and sorted(_dims(node.args[1:3])) in ([0, 1], [-2, -1])):
+        return src, False
+    if name == "permute" and list(_dims(node.args[1] if len(node.args) == 2 else node.args[1:])) == [1, 0]:
+        return src, False
+    return None
+
+
+def _dims(values):
+    return [int(v) for v in (values if isinstance(values, (list, tuple)) else [values])]
+
+
+def _bias_user(node: fx.Node, out_features: int | None, gm) -> tuple[fx.Node, fx.Node] | None:
+    """``(add node, bias get_attr)`` when ``node``'s only user adds a 1-D bias to it."""
+    if len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    if op_name(user) != "add" or len(user.args) != 2 or user.kwargs.get("alpha", 1) != 1:
+        return None
+    other = user.args[1] if user.args[0] is node else user.args[0]
+    if not (isinstance(other, fx.Node) and other.op == "get_attr"):
+        return None
+    shape = tuple(normal_form._get_attr(gm, other.target).shape)
+    if len(shape) != 1 or (out_features is not None and shape[0] != out_features):
+        return None
+    return user, other
+
+
+def _from_matmul(gm: fx.GraphModule, node: fx.Node) -> int:
+    if len(node.args) != 2:
+        return 0
+    source = _weight_source(node.args[1])
+    if source is None:
+        return 0
+    weight, transposed = source
+    shape = tuple(normal_form._get_attr(gm, weight.target).shape)
+    if len(shape) != 2:
+        return 0
+    out_features = shape[1] if transposed else shape[0]
+    bias = _bias_user(node, out_features, gm)
+    last = bias[0] if bias else node
+    _replace(node, node.args[0], weight, bias[1] if bias else None, transposed, last)
+    return 1
+
+
+def _from_addmm(gm: fx.GraphModule, node: fx.Node) -> int:
+    if arg(node, 3, "beta", 1) != 1 or arg(node, 4, "alpha", 1) != 1:
+        return 0
+    bias, x2d, mat2 = node.args[:3]
+    source = _weight_source(mat2)
+    if source is None or not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
+        return 0
+    weight, transposed = source
+    x, last = x2d, node
+    # Conv1D flattens the leading dims around addmm: absorb both views when the shapes show it.
+    if op_name(x2d) in ("view", "reshape") and len(node.users) == 1:
+        unflatten = next(iter(node.users))
+        outer_in, inner_out = shape_of(x2d.args[0]), shape_of(unflatten)
+        if (
+            op_name(unflatten) in ("view", "reshape") and outer_in is not None and inner_out is not None
+            and outer_in[:-1] == inner_out[:-1]
+        ):
+            x, last = x2d.args[0], unflatten
+    _replace(node, x, weight, bias, transposed, last)
+    return 1

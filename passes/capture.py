@@ -1,0 +1,106 @@
+"""capture: an ``nn.Module`` to an FX graph whose nodes carry ``nn_module_stack``.
+
+    model(x)  ──▶  graph():
+                     %x = placeholder
+                     %w = get_attr[target=mlp.up.weight]          (original parameter names)
+                     %h = aten.linear(x, w)   {nn_module_stack: mlp → mlp.up}
+                     ...
+
+With example inputs the model is captured by ``torch.export`` (non-strict, in eval mode, the
+mode restored after): an ATen graph with shapes. Without, by ``torch.fx.symbolic_trace``: a
+torch-level graph, no shapes. If the chosen method fails, the other is tried; if both fail, the
+error names the construct that failed and what to pass instead. A model on the meta device is
+captured without memory (tensor inputs are moved to meta).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import fx, nn
+
+from moefx.layer import MoE
+
+log = logging.getLogger(__name__)
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured as a graph."""
+
+
+@dataclass(frozen=True)
+class Captured:
+    graph_module: fx.GraphModule
+    method: Literal["export", "symbolic_trace"]
+
+
+class _Tracer(fx.Tracer):
+    """symbolic_trace that keeps moefx layers whole (their forward checks shapes in Python)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, MoE) or super().is_leaf_module(m, qualname)
+
+
+def capture(model: nn.Module, example_inputs: tuple | None = None, example_kwargs: dict | None = None) -> Captured:
+    """The model's graph, for analysis; the model itself is left as it was."""
+    if example_inputs is not None and not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    attempts = [_symbolic_trace] if example_inputs is None and example_kwargs is None else [_export, _symbolic_trace]
+    failures = []
+    for attempt in attempts:
+        try:
+            return attempt(model, example_inputs or (), example_kwargs or {})
+        except Exception as err:  # noqa: BLE001  (every failure is reported below)
+            log.debug("capture by %s failed", attempt.__name__, exc_info=True)
+            failures.append(f"{attempt.__name__.lstrip('_')} failed at {_failing_frame(err)}: {_first_line(err)}")
+    advice = (
+        "pass example_inputs (a tuple of the forward's positional arguments) and example_kwargs so moefx can "
+        "capture the model with torch.export"
+        if example_inputs is None and example_kwargs is None
+        else "check that model(*example_inputs, **example_kwargs) runs, and make the failing construct traceable "
+        "(torch.export needs shapes it can reason about; see the torch.export docs on data-dependent control flow)"
+    )
+    raise CaptureError(f"cannot capture {type(model).__name__} as a graph:\n  " + "\n  ".join(failures) + f"\n{advice}")
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
+    if _on_meta(model):
+        args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
+    was_training = model.training
+    model.eval()
+    try:
+        program = torch.export.export(model, args, kwargs, strict=False)
+    finally:
+        model.train(was_training)
+    return Captured(program.module(), "export")
+
+
+def _symbolic_trace(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
+    graph = _Tracer().trace(model)
+    return Captured(fx.GraphModule(model, graph, type(model).__name__), "symbolic_trace")
+
+
+def _on_meta(model: nn.Module) -> bool:
+    param = next(model.parameters(), None)
+    return param is not None and param.device.type == "meta"
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def _failing_frame(err: Exception) -> str:
+    """The innermost frame outside torch: the user's construct that failed."""
+    torch_dir = os.path.dirname(torch.__file__)
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith(torch_dir)]
+    frames = [f for f in frames if not f.filename.endswith(os.path.join("passes", "capture.py"))] or frames
+    if not frames:
+        return "torch internals"
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno} in {f.name} ({(f.line or '').strip()})"
