@@ -24,6 +24,7 @@ from typing import Literal
 
 from torch import fx, nn
 
+from moefx.activations import ACTIVATIONS, make_activation
 from moefx.passes import activation as activations
 from moefx.passes.ops import LAYOUT, TRANSPARENT, arg, module_scope, op_name, tensor_inputs
 
@@ -143,7 +144,7 @@ def _pieces(act_nodes, source, mid_union, gm, index: ScopeIndex):
     def flush():
         nonlocal run, run_source
         if run:
-            pieces.append(Piece(module=activations.extract(gm, run, run_source, skip=_skipped)))
+            pieces.append(Piece(module=_function_module(activations.extract(gm, run, run_source, skip=_skipped))))
             run_source = run[-1]
             run = []
 
@@ -173,6 +174,12 @@ def _pieces(act_nodes, source, mid_union, gm, index: ScopeIndex):
             run.append(node)
     flush()
     return tuple(p for p in pieces if not (p.module is None and p.path is None))
+
+
+def _function_module(fn: fx.GraphModule) -> nn.Module:
+    """A named activation module when the nodes compute a known one, else the nodes themselves."""
+    name = activations.identify(fn)
+    return make_activation(name) if name in ACTIVATIONS else fn
 
 
 def _skipped(node: fx.Node) -> bool:

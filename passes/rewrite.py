@@ -115,6 +115,7 @@ def _rewrite_inline(model: nn.Module, match: FFNMatch, moe: MoE) -> None:
     if not regions:
         raise RewriteError(f"{placement.parent}: the FFN found in the model's graph is not found when tracing this module alone")
     attr = placement.path.rpartition(".")[2]
+    gm.add_submodule(attr, moe)
     graph = gm.graph
     for region in regions:
         with graph.inserting_before(region.down.node):
@@ -123,7 +124,6 @@ def _rewrite_inline(model: nn.Module, match: FFNMatch, moe: MoE) -> None:
         for node in reversed(region.nodes):
             graph.erase_node(node)
     graph.eliminate_dead_code()
-    gm.add_submodule(attr, moe)
     graph.lint()
     new = fx.GraphModule(gm, graph, type(parent).__name__)
     _replace_module(model, placement.parent, new)
