@@ -35,6 +35,7 @@ from moefx.passes.ops import (
 from moefx.passes.placement import Placement, ScopeIndex, place
 
 _MAX_REGION = 96  # nodes between the projections; real FFNs use a few dozen at most
+_LOOK_THROUGH = LAYOUT | PERMUTES | TRANSPARENT
 _SPLITS = frozenset({"chunk", "split", "split_with_sizes", "tensor_split", "unsafe_split"})
 
 
@@ -147,13 +148,14 @@ def _walk(down: Linear, linears: dict, gm) -> _Region | Rejected | None:
         if half is not None:
             leaves.append((linears[half[0]], half[1], node))
             mid.append(node)
+            if node.args[0] not in linears:  # the split op the half comes from
+                mid.append(node.args[0])
             continue
         kind = _row_kind(node, gm)
         if kind is None:
-            if op_name(node, gm) in ATTENTION and not leaves and not mid:
-                return Rejected(_path_of(down.node), f"attention projection: its input comes from `{op_name(node, gm)}`, which mixes tokens")
-            if _through_layout_only(mid, gm) and op_name(node, gm) in ATTENTION:
-                return Rejected(_path_of(down.node), f"attention projection: its input comes from `{op_name(node, gm)}`, which mixes tokens")
+            source = _attention_source(node, gm) if all(op_name(n, gm) in _LOOK_THROUGH for n in mid) else None
+            if source is not None:
+                return Rejected(_path_of(down.node), f"attention projection: its input comes from `{source}`, which mixes tokens")
             return None
         mid.append(node)
         frontier.extend(tensor_inputs(node))
@@ -162,8 +164,17 @@ def _walk(down: Linear, linears: dict, gm) -> _Region | Rejected | None:
     return _classify(down, leaves, mid, gm)
 
 
-def _through_layout_only(mid: list[fx.Node], gm) -> bool:
-    return bool(mid) and all(op_name(n, gm) in LAYOUT | PERMUTES | TRANSPARENT for n in mid)
+def _attention_source(node: fx.Node, gm) -> str | None:
+    """The attention op ``node`` reads through views and permutes only, if any."""
+    for _ in range(8):
+        name = op_name(node, gm)
+        if name in ATTENTION:
+            return name
+        inputs = tensor_inputs(node)
+        if name not in _LOOK_THROUGH or len(inputs) != 1:
+            return None
+        node = inputs[0]
+    return None
 
 
 def _row_kind(node: fx.Node, gm) -> str | None:
@@ -255,6 +266,8 @@ def _classify(down: Linear, leaves: list, mid: list[fx.Node], gm) -> _Region | R
     if len(distinct) == 1 and next(iter(distinct))[1] is None:
         up = linears[next(iter(distinct))[0]]
         act = [n for n in mid if _row_kind(n, gm) != "layout"]
+        if all(op_name(n, gm) in TRANSPARENT for n in act):
+            return None  # two linears in a row (a low-rank factorisation), not an FFN: no activation between
         return _Region(down, up, None, False, True, up.input, [up.node, *mid, down.node], act, up.node, rowwise)
     if len(distinct) != 2:
         return Rejected(where, f"{len(distinct)} projections feed `{_short(down)}`: not up → act → down or a gated form")
@@ -263,7 +276,7 @@ def _classify(down: Linear, leaves: list, mid: list[fx.Node], gm) -> _Region | R
     if fused != (a_half is not None and b_half is not None):
         return Rejected(where, "a projection is used both whole and split in halves")
     sources = {(lin.node, half): src for lin, half, src in leaves}
-    branch_a, branch_b, joint = _branches(mid, sources[(a_node, a_half)], sources[(b_node, b_half)])
+    branch_a, branch_b, joint, post = _branches(mid, sources[(a_node, a_half)], sources[(b_node, b_half)])
     if joint is None:
         return Rejected(where, "the two projections are not joined by one product: not act(gate) * up")
     a_plain = all(op_name(n, gm) in TRANSPARENT or n is sources[(a_node, a_half)] for n in branch_a)
@@ -274,7 +287,6 @@ def _classify(down: Linear, leaves: list, mid: list[fx.Node], gm) -> _Region | R
     gate_is_a = not a_plain or b_plain
     gate_key, up_key = ((a_node, a_half), (b_node, b_half)) if gate_is_a else ((b_node, b_half), (a_node, a_half))
     gate_branch = branch_a if gate_is_a else branch_b
-    post = [n for n in mid if n not in branch_a and n not in branch_b and n is not joint]
     bad = [n for n in post if op_name(n, gm) not in TRANSPARENT and _row_kind(n, gm) != "layout"]
     if bad:
         return Rejected(where, f"`{op_name(bad[0], gm)}` after the gate product is not supported (only dropout, casts, views)")
@@ -293,7 +305,7 @@ def _classify(down: Linear, leaves: list, mid: list[fx.Node], gm) -> _Region | R
 
 
 def _branches(mid, source_a, source_b):
-    """Nodes depending only on ``source_a``, only on ``source_b``, and the product joining them."""
+    """Nodes depending only on ``source_a``, only on ``source_b``, the product joining them, and after it."""
     deps = {source_a: {0}, source_b: {1}}
     for node in mid:
         if node in deps:
@@ -307,11 +319,12 @@ def _branches(mid, source_a, source_b):
         if deps.get(n) == {0, 1} and not any(deps.get(i) == {0, 1} for i in tensor_inputs(n))
     ]
     if len(joints) != 1 or op_name(joints[0]) != "mul":
-        return [], [], None
+        return [], [], None, []
     joint = joints[0]
     a = [n for n in mid if deps.get(n) == {0}]
     b = [n for n in mid if deps.get(n) == {1}]
-    return a, b, joint
+    after = [n for n in mid if deps.get(n) == {0, 1} and n is not joint]
+    return a, b, joint, after
 
 
 def _strip(node: fx.Node, gm) -> fx.Node:
@@ -374,12 +387,14 @@ def _verify(region: _Region, gm, routing_scopes: dict, dominance: Dominance) -> 
     inside = set(region.nodes)
     y = region.down.node
     for node in region.nodes:
-        if not dominance.dominates(region.entry, node) or not dominance.post_dominates(y, node):
-            return f"not a single-entry single-exit region (`{node.name}` is reached from outside it)"
-        if node is not y:
-            outside = [u for u in node.users if u not in inside]
-            if outside:
-                return f"intermediate `{node.name}` is also used outside the block (by `{outside[0].name}`)"
+        outside = [u for u in node.users if u not in inside] if node is not y else []
+        if outside:
+            return f"intermediate `{node.name}` is also used outside the block (by `{outside[0].name}`)"
+    for node in region.nodes:
+        if not dominance.dominates(region.entry, node):
+            return f"not single-entry: `{node.name}` reads a value computed outside the block"
+        if not dominance.post_dominates(y, node):
+            return f"not single-exit: `{node.name}` reaches the model's outputs without passing through `{y.name}`"
     return None
 
 

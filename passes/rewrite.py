@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import fx, nn
 
 from moefx.folded import Folded
@@ -41,6 +40,18 @@ class Converted:
 @dataclass(frozen=True)
 class Rewritten:
     converted: tuple[Converted, ...]
+
+
+def inline_problems(model: nn.Module, plan: Plan) -> dict[str, str]:
+    """Matches written inline whose module cannot be re-traced: path → reason (checked before any change)."""
+    problems = {}
+    for match in plan.convert:
+        if match.placement.how == "inline":
+            try:
+                _trace_both_modes(model.get_submodule(match.placement.parent), match.placement.parent)
+            except RewriteError as err:
+                problems[match.path] = str(err)
+    return problems
 
 
 def rewrite(model: nn.Module, plan: Plan, *, num_experts: int, top_k: int, init: str, **options) -> Rewritten:
@@ -146,7 +157,7 @@ def _trace_both_modes(module: nn.Module, path: str) -> fx.GraphModule:
             codes.append((graph, fx.GraphModule(module, graph, type(module).__name__)))
     finally:
         module.train(was_training)
-    (graph_train, gm_train), (_, gm_eval) = codes
+    (_, gm_train), (_, gm_eval) = codes
     if gm_train.code != gm_eval.code:
         raise RewriteError(
             f"the forward of {path} ({type(module).__name__}) differs between train and eval mode (it reads "
@@ -157,4 +168,3 @@ def _trace_both_modes(module: nn.Module, path: str) -> fx.GraphModule:
     return gm_train if was_training else gm_eval
 
 
-__all__ = ["Converted", "RewriteError", "Rewritten", "rewrite", "torch"]

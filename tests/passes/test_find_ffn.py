@@ -1,0 +1,224 @@
+"""What find_ffns accepts, what it rejects and why, and how it names activations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import moefx
+from moefx.passes.capture import CaptureError
+from moefx.passes.driver import search
+from tests.passes.models import ConvNet
+
+X = torch.randn(2, 5, 16)
+
+
+def _matches(model, x=X):
+    return moefx.find_ffns(model, (x,))
+
+
+def _reasons(model, x=X) -> list[str]:
+    return [r.reason for r in search(model, (x,)).rejected]
+
+
+class ManualActivation(nn.Module):
+    def __init__(self, act) -> None:
+        super().__init__()
+        self.up, self.down, self.act = nn.Linear(16, 32), nn.Linear(32, 16), act
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)))
+
+
+@pytest.mark.parametrize(
+    "act, name",
+    [
+        (lambda h: 0.5 * h * (1 + torch.tanh(0.7978845608028654 * (h + 0.044715 * h**3))), "gelu_tanh"),
+        (lambda h: h * torch.sigmoid(1.702 * h), "quick_gelu"),
+        (lambda h: torch.relu(h) ** 2, "relu2"),
+        (lambda h: h * torch.sigmoid(h), "silu"),
+        (F.gelu, "gelu"),
+        (lambda h: torch.clamp(h, -1, 2) * 3, "elementwise"),
+    ],
+)
+def test_activations_are_named_by_what_they_compute(act, name):
+    class Fn(nn.Module):
+        def forward(self, h):
+            return act(h)
+
+    (match,) = _matches(ManualActivation(Fn()))
+    assert match.activation == name
+
+
+class FusedGLU(nn.Module):
+    def __init__(self, gate_first: bool, slicing: bool) -> None:
+        super().__init__()
+        self.proj, self.out = nn.Linear(16, 64, bias=False), nn.Linear(32, 16, bias=False)
+        self.gate_first, self.slicing = gate_first, slicing
+
+    def forward(self, x):
+        h = self.proj(x)
+        a, b = (h[..., :32], h[..., 32:]) if self.slicing else h.chunk(2, dim=-1)
+        gate, up = (a, b) if self.gate_first else (b, a)
+        return self.out(F.silu(gate) * up)
+
+
+@pytest.mark.parametrize("gate_first", [True, False])
+@pytest.mark.parametrize("slicing", [True, False])
+def test_fused_gate_up_in_either_order_converts_exactly(gate_first, slicing):
+    model = nn.Sequential(FusedGLU(gate_first, slicing))
+    (match,) = _matches(model)
+    assert match.path == "0"
+    assert (match.kind, match.fused, match.gate_first, match.d_hidden) == ("glu", True, gate_first, 32)
+    dense = model(X)
+    moefx.moefy(model, 4, 2, example_inputs=(X,))
+    torch.testing.assert_close(model(X), dense, rtol=1e-5, atol=1e-6)
+
+
+class TokenMixer(nn.Module):
+    """MLP-Mixer: a token-mixing MLP (over the sequence axis) and a channel MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+        self.tokens = nn.Sequential(nn.Linear(5, 20), nn.GELU(), nn.Linear(20, 5))
+        self.channels = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
+
+    def forward(self, x):
+        x = x + self.tokens(self.norm(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.channels(self.norm(x))
+
+
+def test_token_mixing_mlp_is_rejected_and_channel_mlp_kept():
+    model = TokenMixer()
+    assert [m.path for m in _matches(model)] == ["channels"]
+    assert any("token-mixing" in r for r in _reasons(model))
+
+
+class ChannelsLast(nn.Module):
+    """ConvNeXt's block: NCHW conv, permute to NHWC, norm, pointwise linears, permute back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.norm = nn.LayerNorm(8)
+        self.pw1, self.act, self.pw2 = nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = self.dw(x).permute(0, 2, 3, 1)
+        h = self.pw2(self.act(self.pw1(self.norm(h))))
+        return x + h.permute(0, 3, 1, 2)
+
+
+def test_channels_last_pointwise_mlp_converts():
+    model = ChannelsLast()
+    x = torch.randn(2, 8, 4, 4)
+    (match,) = _matches(model, x)
+    assert (match.d_model, match.d_hidden) == (8, 32)
+    dense = model(x)
+    moefx.moefy(model, 4, 2, example_inputs=(x,))
+    torch.testing.assert_close(model(x), dense, rtol=1e-5, atol=1e-6)
+
+
+class BufferWeights(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("w1", torch.randn(32, 16))
+        self.register_buffer("w2", torch.randn(16, 32))
+
+    def forward(self, x):
+        return F.linear(F.relu(F.linear(x, self.w1)), self.w2)
+
+
+class Projection(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class LeakyIntermediate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        h = torch.relu(self.up(x))
+        return self.down(h), h.mean()
+
+
+@pytest.mark.parametrize(
+    "model, words",
+    [
+        (BufferWeights(), "not a parameter"),
+        (Projection(), "not d → h → d"),
+        (LeakyIntermediate(), "used outside the block"),
+    ],
+    ids=["buffer-weights", "d-h-c", "intermediate-used-elsewhere"],
+)
+def test_rejections_say_why(model, words):
+    assert _matches(model) == []
+    assert any(words in r for r in _reasons(model)), _reasons(model)
+    with pytest.raises(moefx.NoFFNFound, match=words):
+        moefx.moefy(model, example_inputs=(X,))
+
+
+def test_attention_output_projection_is_rejected_as_attention():
+    layer = nn.Sequential(nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True, dropout=0.0))
+    assert [m.path for m in _matches(layer)] == ["0.linear1_moe"]
+    rejected = search(layer, (X,)).rejected
+    assert [(r.path, "attention projection" in r.reason) for r in rejected] == [("0.self_attn", True)]
+
+
+def test_conv_net_has_no_ffn():
+    with pytest.raises(moefx.NoFFNFound, match="no feed-forward block found in ConvNet"):
+        moefx.moefy(ConvNet(), example_inputs=(torch.randn(1, 3, 8, 8),))
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: symbolic_trace cannot follow it
+            return self.mlp(x)
+        return x
+
+
+def test_untraceable_model_without_inputs_names_the_construct_and_the_fix():
+    with pytest.raises(CaptureError, match=r"(?s)x.sum\(\) > 0.*pass example_inputs"):
+        moefx.find_ffns(Untraceable())
+
+
+def test_ffn_written_in_the_root_forward_is_refused_with_the_fix():
+    reasons = _reasons(FusedGLU(True, True))
+    assert any("wrap the model" in r for r in reasons), reasons
+
+
+def test_include_exclude_every():
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)) for _ in range(4)])
+    assert [m.path for m in moefx.find_ffns(model, (X,))] == ["0", "1", "2", "3"]
+    moefx.moefy(model, 4, 2, example_inputs=(X,), exclude=["0", "3*"], every=2)
+    assert [p for p, _ in moefx.moe_layers(model)] == ["2"]
+    with pytest.raises(ValueError, match="leave none"):
+        moefx.moefy(nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)), example_inputs=(X,), include="x*")
+
+
+def test_meta_device_model_is_found_and_converted_without_memory():
+    from transformers import LlamaConfig, LlamaModel
+
+    with torch.device("meta"):
+        model = LlamaModel(LlamaConfig(
+            vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            use_cache=False,
+        ))
+    ids = torch.randint(0, 100, (1, 8))
+    assert len(moefx.find_ffns(model, (ids,))) == 3
+    moefx.moefy(model, 8, 2, example_inputs=(ids,))
+    layers = list(moefx.moe_layers(model))
+    assert len(layers) == 3 and all(p.is_meta for _, layer in layers for p in layer.parameters())
