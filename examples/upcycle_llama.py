@@ -2,9 +2,9 @@
 
     python examples/upcycle_llama.py [--experts 8] [--top-k 2] [--steps 5]
 
-Until the FX passes land, the feed-forward blocks are picked by hand here (every ``LlamaMLP``);
-``moefx.moefy`` will find them on the graph of any model. Upcycled with renormalised top-k, the
-converted model's logits equal the dense model's, which the script checks before training.
+``moefx.moefy`` finds the feed-forward blocks on the model's graph (captured with torch.export
+from the example tokens). Upcycled with renormalised top-k, the converted model's logits equal
+the dense model's, which the script checks before training.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import argparse
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from transformers.models.llama.modeling_llama import LlamaMLP
 
 import moefx
 
@@ -24,17 +23,6 @@ def tiny_llama() -> LlamaForCausalLM:
         num_key_value_heads=2, max_position_embeddings=128, use_cache=False,
     )
     return LlamaForCausalLM(config)
-
-
-def upcycle_mlps(model: torch.nn.Module, num_experts: int, top_k: int) -> list[str]:
-    """Replace every LlamaMLP with an MoE whose experts are copies of it; returns their paths."""
-    paths = [name for name, module in model.named_modules() if isinstance(module, LlamaMLP)]
-    for path in paths:
-        parent_path, _, attr = path.rpartition(".")
-        mlp = model.get_submodule(path)
-        template = moefx.FFNTemplate.from_linears(mlp.up_proj, mlp.down_proj, mlp.act_fn, gate=mlp.gate_proj)
-        setattr(model.get_submodule(parent_path), attr, moefx.MoE.from_ffn(template, num_experts=num_experts, top_k=top_k))
-    return paths
 
 
 def count(model: torch.nn.Module) -> int:
@@ -55,7 +43,8 @@ def main() -> None:
         dense_logits = model(tokens).logits
     dense_params = count(model)
 
-    converted = upcycle_mlps(model, args.experts, args.top_k)
+    moefx.moefy(model, num_experts=args.experts, top_k=args.top_k, example_inputs=(tokens,))
+    converted = [path for path, _ in moefx.moe_layers(model)]
     with torch.no_grad():
         moe_logits = model(tokens).logits
     print(f"converted {len(converted)} feed-forward blocks to MoE (E={args.experts}, k={args.top_k}):")

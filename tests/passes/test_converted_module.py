@@ -1,0 +1,74 @@
+"""A converted model is a normal module: state_dict, save/load, .to(), torch.export, torch.compile, DDP."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+import moefx
+from tests.passes.models import CASES
+
+_BY_NAME = {c.name: c for c in CASES}
+
+
+def _converted(name: str):
+    torch.manual_seed(0)
+    case = _BY_NAME[name]
+    model = case.build().eval()
+    args, kwargs = case.inputs()
+    moefx.moefy(model, 4, 2, example_inputs=args, example_kwargs=kwargs)
+    return case, model, args, kwargs
+
+
+def _out(result):
+    return result if isinstance(result, torch.Tensor) else result[0]
+
+
+@pytest.mark.parametrize("name", ["llama", "inline_f_linear", "albert_like"])
+def test_state_dict_round_trips_through_safetensors(name, tmp_path):
+    case, model, args, kwargs = _converted(name)
+    expected = _out(model(*args, **kwargs))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, tmp_path / "model.safetensors")
+    torch.manual_seed(1)
+    fresh = case.build().eval()
+    moefx.moefy(fresh, 4, 2, example_inputs=args, example_kwargs=kwargs)
+    assert not torch.equal(_out(fresh(*args, **kwargs)), expected)  # a different init before loading
+    fresh.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    torch.testing.assert_close(_out(fresh(*args, **kwargs)), expected)
+
+
+def test_to_dtype_and_export_keep_working():
+    _, model, args, kwargs = _converted("inline_f_linear")
+    model.double()
+    x = args[0].double()
+    expected = model(x)
+    program = torch.export.export(model, (x,), strict=False)
+    targets = {str(n.target) for n in program.graph.nodes}
+    assert {"moefx.route.default", "moefx.grouped_linear.default"} <= targets
+    torch.testing.assert_close(program.module()(x), expected)
+
+
+def test_torch_compile_matches_eager():
+    _, model, args, _ = _converted("albert_like")
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=False)
+    torch.testing.assert_close(compiled(*args), model(*args))
+
+
+def test_ddp_trains_a_converted_model():
+    _, model, args, _ = _converted("llama")
+    with tempfile.TemporaryDirectory() as store:
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(store, 'store')}", rank=0, world_size=1)
+        try:
+            ddp = torch.nn.parallel.DistributedDataParallel(model.train())
+            loss = ddp(*args).last_hidden_state.square().mean() + moefx.aux_loss(model)
+            loss.backward()
+            grads = [p.grad for _, layer in moefx.moe_layers(model) for p in layer.parameters()]
+            assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        finally:
+            dist.destroy_process_group()
