@@ -297,11 +297,9 @@ def _classify(down: Linear, leaves: list, mid: list[fx.Node], gm) -> _Region | R
     act = [n for n in gate_branch if n is not act_source] + [n for n in post if op_name(n, gm) in ("dropout", "feature_dropout")]
     nodes = sorted({gate.node, up.node, *mid, down.node}, key=order.__getitem__)
     entry = _strip(up.input, gm) if not fused else up.input
-    nodes += [n for n in _casts_between(entry, (gate.input, up.input), gm) if n not in nodes]
+    nodes += [n for n in _casts_between(entry, (gate.input, up.input)) if n not in nodes]
     nodes.sort(key=order.__getitem__)
-    region = _Region(down, up, None if fused else gate, fused, gate_key[1] in (None, 0), entry, nodes, act, act_source, rowwise)
-    region.gate = gate if not fused else None
-    return region
+    return _Region(down, up, None if fused else gate, fused, gate_key[1] in (None, 0), entry, nodes, act, act_source, rowwise)
 
 
 def _branches(mid, source_a, source_b):
@@ -333,7 +331,8 @@ def _strip(node: fx.Node, gm) -> fx.Node:
     return node
 
 
-def _casts_between(entry: fx.Node, inputs, gm) -> list[fx.Node]:
+def _casts_between(entry: fx.Node, inputs) -> list[fx.Node]:
+    """The casts between the shared input and what each projection reads."""
     found = []
     for node in inputs:
         while node is not entry and isinstance(node, fx.Node):
