@@ -22,6 +22,7 @@ names an activation when a match needs it. The graph still computes what the mod
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 
 from torch import fx, nn
 
@@ -117,7 +118,7 @@ def _bias_user(node: fx.Node, out_features: int | None, gm) -> tuple[fx.Node, fx
     other = user.args[1] if user.args[0] is node else user.args[0]
     if not (isinstance(other, fx.Node) and other.op == "get_attr"):
         return None
-    shape = tuple(normal_form._get_attr(gm, other.target).shape)
+    shape = tuple(attrgetter(other.target)(gm).shape)
     if len(shape) != 1 or (out_features is not None and shape[0] != out_features):
         return None
     return user, other
@@ -130,7 +131,7 @@ def _from_matmul(gm: fx.GraphModule, node: fx.Node) -> int:
     if source is None:
         return 0
     weight, transposed = source
-    shape = tuple(normal_form._get_attr(gm, weight.target).shape)
+    shape = tuple(attrgetter(weight.target)(gm).shape)
     if len(shape) != 2:
         return 0
     out_features = shape[1] if transposed else shape[0]

@@ -12,8 +12,8 @@ from moefx.model import moe_layers
 from moefx.passes.canonicalize import canonicalize
 from moefx.passes.capture import capture
 from moefx.passes.find_ffn import FFNMatch, FFNSearch, find_ffn
-from moefx.passes.plan import Plan, plan
-from moefx.passes.rewrite import inline_problems, rewrite
+from moefx.passes.plan import plan
+from moefx.passes.rewrite import rewrite
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +59,16 @@ def moefy(
             return model
         raise NoFFNFound(_nothing_found(model, found))
     chosen = plan(found.matches, include=include, exclude=exclude, every=every)
-    problems = inline_problems(model, chosen)
-    if problems:
-        for path, reason in problems.items():
-            log.warning("not converting %s: %s", path, reason)
-        chosen = Plan(tuple(m for m in chosen.convert if m.path not in problems), chosen.skipped)
     if not chosen.convert:
         paths = [m.path for m in found.matches]
-        if problems:
-            raise NoFFNFound(f"none of the FFNs of {type(model).__name__} can be rewritten: " + "; ".join(problems.values()))
         raise ValueError(f"include={include!r}, exclude={exclude!r}, every={every} leave none of the FFNs {paths} to convert")
     extra = {"drop_fraction": drop_fraction} if init == "drop-upcycle" else {}
     done = rewrite(model, chosen, num_experts=num_experts, top_k=top_k, init=init, **extra, **options)
+    for match, reason in done.skipped:
+        log.warning("not converting %s: %s", match.path, reason)
+    if not done.converted:  # every FFN was refused before any change: the model is as it was
+        reasons = "; ".join(reason for _, reason in done.skipped)
+        raise NoFFNFound(f"none of the FFNs of {type(model).__name__} can be rewritten: {reasons}")
     log.info("converted %d FFNs of %s", len(done.converted), type(model).__name__)
     return model
 

@@ -198,14 +198,16 @@ def _keeps_last_axis(node: fx.Node) -> bool:
     return before is not None and after is not None and before[-1:] == after[-1:] and len(after) >= 1
 
 
+def _is_last_axis(dim, source: fx.Node) -> bool:
+    """Whether axis ``dim`` of ``source`` is its last one (-1 needs no shape)."""
+    shape = shape_of(source)
+    return dim == -1 or (isinstance(dim, int) and shape is not None and dim % len(shape) == len(shape) - 1)
+
+
 def _reduces_last_only(node: fx.Node) -> bool:
     dims = arg(node, 1, "dim")
-    shape = shape_of(tensor_inputs(node)[0])
     dims = [dims] if isinstance(dims, int) else list(dims or [])
-    keep = arg(node, 2, "keepdim", False)
-    if len(dims) != 1 or not keep:
-        return False
-    return dims[0] == -1 or (shape is not None and dims[0] == len(shape) - 1)
+    return len(dims) == 1 and bool(arg(node, 2, "keepdim", False)) and _is_last_axis(dims[0], tensor_inputs(node)[0])
 
 
 def _half_of(node: fx.Node, linears: dict) -> tuple[fx.Node, int] | None:
@@ -223,8 +225,7 @@ def _half_of(node: fx.Node, linears: dict) -> tuple[fx.Node, int] | None:
         lin = linears[node.args[0]]
         dim, start, end = arg(node, 1, "dim", 0), arg(node, 2, "start"), arg(node, 3, "end")
         h = lin.out_features // 2
-        shape = shape_of(node.args[0])
-        if shape is not None and dim % len(shape) == len(shape) - 1:
+        if _is_last_axis(dim, node.args[0]):
             if start in (0, None) and end == h:
                 return node.args[0], 0
             if start == h and (end is None or end >= 2 * h):
@@ -234,8 +235,7 @@ def _half_of(node: fx.Node, linears: dict) -> tuple[fx.Node, int] | None:
 
 def _split_in_halves(split: fx.Node, out_features: int) -> bool:
     name, args = op_name(split), split.args
-    dim = arg(split, 2, "dim", 0)
-    if not (dim == -1 or (shape_of(args[0]) is not None and dim == len(shape_of(args[0])) - 1)):
+    if not _is_last_axis(arg(split, 2, "dim", 0), args[0]):
         return False
     size = args[1] if len(args) > 1 else split.kwargs.get("chunks", split.kwargs.get("split_size_or_sections"))
     if name == "chunk":
@@ -258,8 +258,7 @@ def _halves_by_slice(source: fx.Node, index, out_features: int) -> tuple[fx.Node
 
 def _classify(down: Linear, leaves: list, mid: list[fx.Node], gm) -> _Region | Rejected | None:
     where = _path_of(down.node)
-    order = {n: i for i, n in enumerate(down.node.graph.nodes)}
-    mid = sorted(set(mid), key=order.__getitem__)
+    mid = sorted(set(mid))  # fx nodes compare by their position in the graph
     distinct = {(lin.node, half) for lin, half, _ in leaves}
     linears = {lin.node: lin for lin, _, _ in leaves}
     rowwise = any(_row_kind(n, gm) == "rowwise" for n in mid)
@@ -271,7 +270,7 @@ def _classify(down: Linear, leaves: list, mid: list[fx.Node], gm) -> _Region | R
         return _Region(down, up, None, False, True, up.input, [up.node, *mid, down.node], act, up.node, rowwise)
     if len(distinct) != 2:
         return Rejected(where, f"{len(distinct)} projections feed `{_short(down)}`: not up → act → down or a gated form")
-    (a_node, a_half), (b_node, b_half) = sorted(distinct, key=lambda d: (order[d[0]], d[1] or 0))
+    (a_node, a_half), (b_node, b_half) = sorted(distinct, key=lambda d: (d[0], d[1] or 0))
     fused = a_node is b_node
     if fused != (a_half is not None and b_half is not None):
         return Rejected(where, "a projection is used both whole and split in halves")
@@ -295,10 +294,8 @@ def _classify(down: Linear, leaves: list, mid: list[fx.Node], gm) -> _Region | R
         return Rejected(where, "the gate and up projections read different inputs")
     act_source = sources[gate_key]
     act = [n for n in gate_branch if n is not act_source] + [n for n in post if op_name(n, gm) in ("dropout", "feature_dropout")]
-    nodes = sorted({gate.node, up.node, *mid, down.node}, key=order.__getitem__)
     entry = _strip(up.input, gm) if not fused else up.input
-    nodes += [n for n in _casts_between(entry, (gate.input, up.input)) if n not in nodes]
-    nodes.sort(key=order.__getitem__)
+    nodes = sorted({gate.node, up.node, *mid, down.node, *_casts_between(entry, (gate.input, up.input))})
     return _Region(down, up, None if fused else gate, fused, gate_key[1] in (None, 0), entry, nodes, act, act_source, rowwise)
 
 
@@ -349,13 +346,10 @@ def _routing_scopes(graph: fx.Graph, gm) -> dict[str, str]:
     scopes = {}
     for node in graph.nodes:
         name = op_name(node, gm)
+        if name == "module:MoE":  # a moefx layer kept whole by symbolic_trace
+            scopes[node.target] = f"{node.target} (MoE)"
         if name in ROUTING or name == "module:MoE":
-            scope = module_scope(node)
-            if name == "module:MoE":
-                scopes[node.target] = f"{node.target} (MoE)"
-            for key, path, cls in scope[-2:]:
-                if path:
-                    scopes[key] = f"{path} ({cls})"
+            scopes.update((key, f"{path} ({cls})") for key, path, cls in module_scope(node)[-2:] if path)
     return scopes
 
 

@@ -10,6 +10,7 @@ the model computes (the tests check that).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 
 import torch.nn.functional as F
 from torch import Tensor, fx
@@ -69,15 +70,8 @@ def _parameter_name(node, root) -> str | None:
 def _tensor_shape(node, root) -> tuple[int, ...] | None:
     if isinstance(node, fx.Node) and node.op == "get_attr":
         try:
-            return tuple(_get_attr(root, node.target).shape)
+            return tuple(attrgetter(node.target)(root).shape)
         except AttributeError:
             return None
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     return tuple(val.shape) if val is not None and hasattr(val, "shape") else None
-
-
-def _get_attr(root, target: str):
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj

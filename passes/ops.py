@@ -51,6 +51,11 @@ _MODULE_OPS = {
     nn.Softmax: "softmax", nn.Conv1d: "convolution", nn.Conv2d: "convolution", nn.Conv3d: "convolution",
     nn.Embedding: "embedding", nn.MultiheadAttention: "scaled_dot_product_attention",
 }
+# torch.nn activation modules (symbolic_trace keeps them as call_module): pointwise.
+_ACTIVATION_MODULES = (
+    nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.ELU, nn.LeakyReLU, nn.Mish, nn.Softplus,
+    nn.Hardswish, nn.Hardsigmoid, nn.ReLU6, nn.SELU, nn.CELU, nn.Tanhshrink,
+)
 _ALIASES = {"truediv": "div", "true_divide": "div", "multiply": "mul", "subtract": "sub", "_softmax": "softmax"}
 
 
@@ -74,18 +79,10 @@ def op_name(node: fx.Node, root: nn.Module | None = None) -> str | None:
         for cls, name in _MODULE_OPS.items():
             if isinstance(module, cls):
                 return name
-        if isinstance(module, tuple(_activation_modules())):
+        if isinstance(module, _ACTIVATION_MODULES):
             return "activation_module"
         return f"module:{type(module).__name__}"
     return None
-
-
-@lru_cache(maxsize=None)
-def _activation_modules() -> tuple[type, ...]:
-    return (
-        nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.ELU, nn.LeakyReLU, nn.Mish, nn.Softplus,
-        nn.Hardswish, nn.Hardsigmoid, nn.ReLU6, nn.SELU, nn.CELU, nn.Tanhshrink,
-    )
 
 
 @lru_cache(maxsize=None)
@@ -107,23 +104,7 @@ def is_pointwise(node: fx.Node, root: nn.Module | None = None) -> bool:
 
 def tensor_inputs(node: fx.Node) -> list[fx.Node]:
     """The nodes ``node`` reads that carry values (parameters and buffers read by get_attr excluded)."""
-    found = []
-    for arg in (*node.args, *node.kwargs.values()):
-        for leaf in _leaves(arg):
-            if isinstance(leaf, fx.Node) and leaf.op != "get_attr" and leaf not in found:
-                found.append(leaf)
-    return found
-
-
-def _leaves(arg):
-    if isinstance(arg, (list, tuple)):
-        for a in arg:
-            yield from _leaves(a)
-    elif isinstance(arg, dict):
-        for a in arg.values():
-            yield from _leaves(a)
-    else:
-        yield arg
+    return [n for n in node.all_input_nodes if n.op != "get_attr"]
 
 
 def shape_of(node: fx.Node) -> tuple[int, ...] | None:

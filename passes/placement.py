@@ -173,7 +173,7 @@ def _pieces(act_nodes, source, mid_union, gm, index: ScopeIndex):
                 return f"`{name}` between the projections uses the parameter `{params[0].target}` outside a module of its own"
             run.append(node)
     flush()
-    return tuple(p for p in pieces if not (p.module is None and p.path is None))
+    return tuple(pieces)
 
 
 def _function_module(fn: fx.GraphModule) -> nn.Module:

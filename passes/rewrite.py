@@ -40,40 +40,49 @@ class Converted:
 @dataclass(frozen=True)
 class Rewritten:
     converted: tuple[Converted, ...]
-
-
-def inline_problems(model: nn.Module, plan: Plan) -> dict[str, str]:
-    """Matches written inline whose module cannot be re-traced: path → reason (checked before any change)."""
-    problems = {}
-    for match in plan.convert:
-        if match.placement.how == "inline":
-            try:
-                _trace_both_modes(model.get_submodule(match.placement.parent), match.placement.parent)
-            except RewriteError as err:
-                problems[match.path] = str(err)
-    return problems
+    skipped: tuple[tuple[FFNMatch, str], ...] = ()  # inline FFNs whose module cannot be re-traced, and why
 
 
 def rewrite(model: nn.Module, plan: Plan, *, num_experts: int, top_k: int, init: str, **options) -> Rewritten:
-    converted = []
+    """Every check runs before the first change, so a refusal leaves the model as it was."""
     for match in plan.convert:
         if init == "split" and match.rowwise_mid:
             raise ValueError(
                 f"init='split' cannot split {match.path}: the ops between its projections ({match.activation}) mix "
                 "hidden neurons, so the neurons cannot be shared out among experts; use init='upcycle'"
             )
+    traced, skipped = _trace_inline_parents(model, plan)
+    converted = []
+    for match in plan.convert:
+        if match.path in skipped:
+            continue
         template = _template(model, match)
         moe = MoE.from_ffn(template, num_experts=num_experts, top_k=top_k, init=init, **options)
         del template
         placement = match.placement
         if placement.how == "inline":
-            _rewrite_inline(model, match, moe)
+            _rewrite_inline(model, match, moe, traced)
         else:
             _replace_module(model, placement.path, moe)
             for path in placement.folded:
                 _replace_module(model, path, Folded(into=placement.path))
         converted.append(Converted(match, moe))
-    return Rewritten(tuple(converted))
+    return Rewritten(tuple(converted), tuple((m, skipped[m.path]) for m in plan.convert if m.path in skipped))
+
+
+def _trace_inline_parents(model: nn.Module, plan: Plan) -> tuple[dict[str, fx.GraphModule], dict[str, str]]:
+    """The re-traced module of every inline FFN (parent path → graph), and the FFNs whose module
+    cannot be re-traced (FFN path → reason)."""
+    traced, problems = {}, {}
+    for match in plan.convert:
+        parent = match.placement.parent
+        if match.placement.how != "inline" or parent in traced:
+            continue
+        try:
+            traced[parent] = _trace_both_modes(model.get_submodule(parent), parent)
+        except RewriteError as err:
+            problems[match.path] = str(err)
+    return traced, problems
 
 
 def _template(model: nn.Module, match: FFNMatch) -> FFNTemplate:
@@ -116,10 +125,11 @@ def _replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
                 setattr(parent, name, new)
 
 
-def _rewrite_inline(model: nn.Module, match: FFNMatch, moe: MoE) -> None:
+def _rewrite_inline(model: nn.Module, match: FFNMatch, moe: MoE, traced: dict[str, fx.GraphModule]) -> None:
     placement = match.placement
     parent = model.get_submodule(placement.parent)
-    gm = _trace_both_modes(parent, placement.parent)
+    # A second FFN in the same module finds it rewritten already (a GraphModule): trace that.
+    gm = traced.pop(placement.parent, None) or fx.GraphModule(parent, _Tracer().trace(parent), type(parent).__name__)
     canonicalize(gm)
     relative = match.up.removeprefix(placement.parent + ".")
     regions = [r for r in find_regions(gm) if r.up.weight == relative]
@@ -143,28 +153,23 @@ def _rewrite_inline(model: nn.Module, match: FFNMatch, moe: MoE) -> None:
 def _trace_both_modes(module: nn.Module, path: str) -> fx.GraphModule:
     """The module's forward traced by torch.fx; refused when train and eval trace differently."""
     was_training = module.training
+    traced = {}
     try:
-        codes = []
         for mode in (True, False):
             module.train(mode)
             try:
-                graph = _Tracer().trace(module)
+                traced[mode] = fx.GraphModule(module, _Tracer().trace(module), type(module).__name__)
             except Exception as err:  # noqa: BLE001
                 raise RewriteError(
                     f"the FFN in {path} ({type(module).__name__}) is written inside its forward, which torch.fx cannot "
                     f"trace on its own ({type(err).__name__}: {err}); put the FFN in an nn.Module of its own"
                 ) from err
-            codes.append((graph, fx.GraphModule(module, graph, type(module).__name__)))
     finally:
         module.train(was_training)
-    (_, gm_train), (_, gm_eval) = codes
-    if gm_train.code != gm_eval.code:
+    if traced[True].code != traced[False].code:
         raise RewriteError(
             f"the forward of {path} ({type(module).__name__}) differs between train and eval mode (it reads "
             "self.training, e.g. F.dropout(x, p, self.training)); torch.fx would freeze one mode. Use nn.Dropout "
             "modules, or put the FFN in an nn.Module of its own"
         )
-    module.train(was_training)
-    return gm_train if was_training else gm_eval
-
-
+    return traced[was_training]
