@@ -2,7 +2,9 @@
 
 - ``upcycle``: every expert is a copy of the FFN. The router keeps its random init: whichever
   experts a token picks, renormalised top-k weights sum to 1, so the output equals the FFN's.
-- ``split``: the hidden neurons are cut into E contiguous blocks, one per expert. The router
+- ``split``: the hidden neurons are shared out among the E experts, H/E each: in contiguous blocks
+  (``split_by="contiguous"``), or grouped by balanced k-means over their input-projection rows
+  (``split_by="kmeans"``: neurons that respond to similar inputs land in one expert). The router
   starts at zero, so every expert has probability 1/E, and ``routed_scale = E`` (set by
   ``MoE.from_ffn``) turns each weight back into 1; the down bias is shared out as ``b / E``.
   With ``top_k == num_experts`` the output equals the FFN's; with fewer, training breaks the ties.
@@ -16,18 +18,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moefx.clustering import balanced_kmeans
 from moefx.template import FFNTemplate
 
 INIT_STRATEGIES = ("upcycle", "split", "drop-upcycle", "random")
+SPLIT_METHODS = ("contiguous", "kmeans")
 
 
-def _in_weight(template: FFNTemplate, rows: slice) -> Tensor:
+def _in_weight(template: FFNTemplate, rows: slice | Tensor) -> Tensor:
     """The expert's ``in_proj`` rows for hidden neurons ``rows``: gate rows first, then up rows."""
     up = template.up_weight[rows]
     return up if not template.gated else torch.cat([template.gate_weight[rows], up])
 
 
-def _in_bias(template: FFNTemplate, rows: slice) -> Tensor:
+def _in_bias(template: FFNTemplate, rows: slice | Tensor) -> Tensor:
     up = template.up_weight.new_zeros(template.d_hidden) if template.up_bias is None else template.up_bias
     if not template.gated:
         return up[rows]
@@ -36,8 +40,12 @@ def _in_bias(template: FFNTemplate, rows: slice) -> Tensor:
 
 
 @torch.no_grad()
-def init_from_template(moe, template: FFNTemplate, strategy: str, *, drop_fraction: float = 0.5) -> None:
+def init_from_template(
+    moe, template: FFNTemplate, strategy: str, *, drop_fraction: float = 0.5, split_by: str = "contiguous",
+) -> None:
     """Fill ``moe``'s experts (and, for ``split``, its router) from ``template``."""
+    if split_by not in SPLIT_METHODS:
+        raise ValueError(f"split_by={split_by!r} is unknown: must be one of {list(SPLIT_METHODS)}")
     if strategy == "random":
         return
     experts, E = moe.experts, moe.config.num_experts
@@ -47,8 +55,9 @@ def init_from_template(moe, template: FFNTemplate, strategy: str, *, drop_fracti
     down_bias = template.down_bias
     if down_bias is None:
         down_bias = template.down_weight.new_zeros(template.d_model)
+    neurons = _neurons_per_expert(template, E, split_by) if strategy == "split" else None
     for e in range(E):
-        rows = slice(e * H, (e + 1) * H) if strategy == "split" else slice(None)
+        rows = neurons[e] if neurons is not None else slice(None)
         experts.in_proj[e].copy_(_in_weight(template, rows))
         experts.out_proj[e].copy_(template.down_weight[:, rows])
         if experts.in_bias is not None:
@@ -58,6 +67,18 @@ def init_from_template(moe, template: FFNTemplate, strategy: str, *, drop_fracti
         moe.router.weight.zero_()
     elif strategy == "drop-upcycle":
         _redraw_neurons_(moe, template, drop_fraction)
+
+
+def _neurons_per_expert(template: FFNTemplate, num_experts: int, split_by: str) -> list[slice | Tensor]:
+    """The hidden neurons each expert gets under ``split``, in ascending order within an expert."""
+    H = template.d_hidden // num_experts
+    if split_by == "contiguous" or template.up_weight.is_meta:  # meta weights: nothing to cluster
+        return [slice(e * H, (e + 1) * H) for e in range(num_experts)]
+    rows = _in_weight(template, slice(None))  # gated: [gate rows; up rows], one feature vector per neuron
+    features_NF = rows.reshape(-1, template.d_hidden, template.d_model).transpose(0, 1).flatten(1)
+    features_NF = torch.nn.functional.normalize(features_NF.float(), dim=1)  # cluster by direction, not norm
+    labels = balanced_kmeans(features_NF, num_experts)
+    return [(labels == e).nonzero().squeeze(1) for e in range(num_experts)]
 
 
 def _redraw_neurons_(moe, template: FFNTemplate, fraction: float) -> None:

@@ -81,7 +81,7 @@ class MoE(nn.Module):
     @classmethod
     def from_ffn(
         cls, template: FFNTemplate, *, num_experts: int, top_k: int = 2, init: str = "upcycle",
-        drop_fraction: float = 0.5, device=None, dtype=None, **options,
+        drop_fraction: float = 0.5, split_by: str = "contiguous", device=None, dtype=None, **options,
     ) -> MoE:
         """An MoE whose experts are initialised from a dense FFN (see ``moefx.init``)."""
         if init not in INIT_STRATEGIES:
@@ -106,7 +106,7 @@ class MoE(nn.Module):
         weight = template.up_weight
         device = weight.device if device is None else device
         moe = cls(config, device=device, dtype=weight.dtype if dtype is None else dtype)
-        init_from_template(moe, template, init, drop_fraction=drop_fraction)
+        init_from_template(moe, template, init, drop_fraction=drop_fraction, split_by=split_by)
         return moe
 
     def forward(self, x: Tensor) -> Tensor:

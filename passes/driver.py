@@ -7,7 +7,7 @@ import logging
 from torch import nn
 
 from moefx.config import MoEConfig
-from moefx.init import INIT_STRATEGIES
+from moefx.init import INIT_STRATEGIES, SPLIT_METHODS
 from moefx.model import moe_layers
 from moefx.passes.canonicalize import canonicalize
 from moefx.passes.capture import capture
@@ -40,7 +40,7 @@ def find_ffns(model: nn.Module, example_inputs=None, example_kwargs=None) -> lis
 def moefy(
     model: nn.Module, num_experts: int = 8, top_k: int = 2, *, example_inputs=None, example_kwargs=None,
     init: str = "upcycle", gate: str = "topk", capacity_factor=None, include=None, exclude=None, every: int = 1,
-    drop_fraction: float = 0.5, **moe_options,
+    drop_fraction: float = 0.5, split_by: str = "contiguous", **moe_options,
 ) -> nn.Module:
     """Convert ``model``'s feed-forward blocks to MoE layers in place; returns the model.
 
@@ -50,6 +50,8 @@ def moefy(
     """
     if init not in INIT_STRATEGIES:
         raise ValueError(f"init={init!r} is unknown: must be one of {list(INIT_STRATEGIES)}")
+    if split_by not in SPLIT_METHODS:
+        raise ValueError(f"split_by={split_by!r} is unknown: must be one of {list(SPLIT_METHODS)}")
     options = dict(gate=gate, capacity_factor=capacity_factor, **moe_options)
     MoEConfig(d_model=1, d_hidden=1, num_experts=num_experts, top_k=top_k, **options)  # fail before capturing
     found = search(model, example_inputs, example_kwargs)
@@ -62,7 +64,7 @@ def moefy(
     if not chosen.convert:
         paths = [m.path for m in found.matches]
         raise ValueError(f"include={include!r}, exclude={exclude!r}, every={every} leave none of the FFNs {paths} to convert")
-    extra = {"drop_fraction": drop_fraction} if init == "drop-upcycle" else {}
+    extra = {"drop_fraction": drop_fraction, "split_by": split_by}
     done = rewrite(model, chosen, num_experts=num_experts, top_k=top_k, init=init, **extra, **options)
     for match, reason in done.skipped:
         log.warning("not converting %s: %s", match.path, reason)

@@ -58,8 +58,9 @@ def test_upcycle_equals_dense(case):
         assert _rel_err(_out(model(*args, **kwargs)), dense) <= 1e-5
 
 
-def test_split_with_all_experts_equals_dense(case):
-    model, args, kwargs, dense = _convert(case, num_experts=4, top_k=4, init="split")
+@pytest.mark.parametrize("split_by", ["contiguous", "kmeans"])
+def test_split_with_all_experts_equals_dense(case, split_by):
+    model, args, kwargs, dense = _convert(case, num_experts=4, top_k=4, init="split", split_by=split_by)
     with torch.no_grad():
         assert _rel_err(_out(model(*args, **kwargs)), dense) <= 1e-5
 

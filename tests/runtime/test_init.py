@@ -29,9 +29,10 @@ def test_upcycled_layer_equals_the_dense_ffn(gated, bias, top_k):
 
 @pytest.mark.parametrize("gated,bias", FORMS)
 @pytest.mark.parametrize("num_experts", [2, 4, 8])
-def test_split_layer_with_all_experts_active_equals_the_dense_ffn(gated, bias, num_experts):
+@pytest.mark.parametrize("split_by", ["contiguous", "kmeans"])
+def test_split_layer_with_all_experts_active_equals_the_dense_ffn(gated, bias, num_experts, split_by):
     template = _template(gated, bias)
-    layer = moefx.MoE.from_ffn(template, num_experts=num_experts, top_k=num_experts, init="split")
+    layer = moefx.MoE.from_ffn(template, num_experts=num_experts, top_k=num_experts, init="split", split_by=split_by)
     assert layer.config.d_hidden == 24 // num_experts
     x = torch.randn(7, 12, dtype=torch.float64)
     torch.testing.assert_close(layer(x), template.dense_forward(x))
@@ -41,6 +42,27 @@ def test_split_experts_hold_disjoint_neurons():
     template = _template(gated=False, bias=False)
     layer = moefx.MoE.from_ffn(template, num_experts=3, top_k=3, init="split")
     torch.testing.assert_close(layer.experts.in_proj.reshape(24, 12), template.up_weight)
+
+
+def test_kmeans_split_puts_neurons_with_similar_input_rows_in_one_expert():
+    torch.manual_seed(3)
+    directions = torch.randn(4, 12, dtype=torch.float64) * 5
+    order = torch.randperm(24)  # 4 groups of 6 near-identical rows, shuffled among the 24 neurons
+    up_rows = (directions.repeat_interleave(6, 0) + 0.01 * torch.randn(24, 12, dtype=torch.float64))[order]
+    group_of_neuron = torch.arange(4).repeat_interleave(6)[order]
+    up, down = nn.Linear(12, 24, bias=False, dtype=torch.float64), nn.Linear(24, 12, bias=False, dtype=torch.float64)
+    up.weight.data.copy_(up_rows)
+    template = moefx.FFNTemplate.from_linears(up, down, nn.GELU())
+    layer = moefx.MoE.from_ffn(template, num_experts=4, top_k=4, init="split", split_by="kmeans")
+    for e in range(4):
+        held = [int(torch.where((up_rows == row).all(1))[0]) for row in layer.experts.in_proj[e]]
+        assert len({int(group_of_neuron[n]) for n in held}) == 1, f"expert {e} mixes groups"
+        torch.testing.assert_close(layer.experts.out_proj[e], down.weight[:, held])
+
+
+def test_unknown_split_method_is_refused():
+    with pytest.raises(ValueError, match=r"split_by='random' is unknown: must be one of \['contiguous', 'kmeans'\]"):
+        moefx.MoE.from_ffn(_template(False, False), num_experts=2, top_k=2, init="split", split_by="random")
 
 
 @pytest.mark.parametrize("gate_first", [True, False])
