@@ -26,9 +26,11 @@ def balanced_kmeans(points_NF: Tensor, num_clusters: int, *, iters: int = 20, se
     generator = torch.Generator().manual_seed(seed)
     first = torch.randperm(N, generator=generator)[:num_clusters].to(points_NF.device)
     centers_CF = points_NF[first].clone()
+    norms_N1 = points_NF.square().sum(1, keepdim=True)  # one matmul per step instead of torch.cdist (slow for few C)
     labels_N = None
     for _ in range(iters):
-        new_labels_N = _assign_with_capacity(torch.cdist(points_NF, centers_CF), N // num_clusters)
+        dist_NC = norms_N1 - 2 * points_NF @ centers_CF.T + centers_CF.square().sum(1)  # squared distances
+        new_labels_N = _assign_with_capacity(dist_NC, N // num_clusters)
         if labels_N is not None and torch.equal(new_labels_N, labels_N):
             break
         labels_N = new_labels_N
