@@ -1,7 +1,7 @@
 """moefx: turn the feed-forward blocks of any PyTorch model into Mixture-of-Experts layers.
 
 Public API (see DESIGN.md): ``moefy``, ``find_ffns``, ``MoE``, ``MoEConfig``, ``FFNTemplate``, ``moe_layers``,
-``aux_loss``.
+``aux_loss``, ``save``, ``load``.
 """
 
 from moefx.config import MoEConfig
@@ -10,10 +10,11 @@ from moefx.model import aux_loss, moe_layers
 from moefx.template import FFNTemplate
 from moefx.passes.driver import NoFFNFound, find_ffns, moefy  # noqa: E402  (needs the runtime above)
 from moefx.passes.find_ffn import FFNMatch
+from moefx.artifact import load, save
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FFNMatch", "FFNTemplate", "MoE", "MoEConfig", "MoEStats", "NoFFNFound", "aux_loss", "find_ffns", "moe_layers",
-    "moefy", "__version__",
+    "load", "moefy", "save", "__version__",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -33,3 +34,21 @@ def aux_loss(model: nn.Module) -> Tensor:
         param = next(model.parameters(), None)
         return torch.zeros((), device=None if param is None else param.device)
     return torch.stack(losses).sum()
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    total: int  # every parameter once (shared and tied ones too)
+    active_per_token: int  # what one token runs through: all but the routed experts it does not pick
+    expert: int  # the parameters of one routed expert (the largest, when layers differ)
+
+
+def parameter_counts(model: nn.Module) -> ParameterCounts:
+    total = sum(p.numel() for p in model.parameters())
+    idle, expert = 0, 0
+    for _, layer in moe_layers(model):
+        config = layer.config
+        routed = sum(p.numel() for p in layer.experts.parameters())
+        idle += routed * (config.num_experts - config.top_k) // config.num_experts
+        expert = max(expert, routed // config.num_experts)
+    return ParameterCounts(total, total - idle, expert)

@@ -1,0 +1,186 @@
+"""``moefx.save`` and ``moefx.load``: a converted model as a directory of ``moefx.json`` + ``model.safetensors``.
+
+    out/
+      moefx.json          versions, the model file and entry (when known), every conversion
+                          (options, converted FFNs with d_model/d_hidden/kind, rejected candidates,
+                          example input shapes), parameter counts (total, active per token)
+      model.safetensors   every parameter and buffer of the converted model, tied ones once
+
+``load`` rebuilds the module tree by re-running the recorded conversions on the dense
+architecture (the passes look at structure, so the dense weights may be on meta), then puts the
+saved tensors in place. Weights are read only through safetensors, never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from moefx.atomic import atomic_directory
+from moefx.model import moe_layers, parameter_counts
+from moefx.model_file import load_model_file
+from moefx.record import Conversion, conversions, inputs_from_spec, set_conversions
+
+log = logging.getLogger(__name__)
+
+MANIFEST, WEIGHTS = "moefx.json", "model.safetensors"
+FORMAT_VERSION = 1
+
+
+class ArtifactError(RuntimeError):
+    """A moefx output directory that cannot be read back, or a model that does not fit it."""
+
+
+def save(model: nn.Module, out_dir: str | Path, *, force: bool = False, source: dict | None = None) -> Path:
+    """Write ``model`` to ``out_dir`` atomically; returns the directory.
+
+    ``source`` (``{"file": ..., "entry": ..., "dtype": ...}``) lets ``load(out_dir)`` rebuild the
+    dense model by itself; without it, ``load`` needs the dense model passed in.
+    """
+    tensors = _named_tensors(model)
+    manifest = manifest_for(model, source)
+    with atomic_directory(out_dir, force=force) as tmp:
+        save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return Path(out_dir)
+
+
+def manifest_for(model: nn.Module, source: dict | None = None) -> dict:
+    import moefx
+
+    counts = parameter_counts(model)
+    return {
+        "format": "moefx", "format_version": FORMAT_VERSION,
+        "moefx_version": moefx.__version__, "torch_version": torch.__version__.split("+")[0],
+        "source": source,
+        "conversions": [c.as_dict() for c in conversions(model)],
+        "moe_layers": [_layer_entry(path, layer) for path, layer in moe_layers(model)],
+        "parameters": {"total": counts.total, "active_per_token": counts.active_per_token, "per_expert": counts.expert},
+    }
+
+
+def _layer_entry(path: str, layer) -> dict:
+    c = layer.config
+    return {
+        "path": path, "kind": "glu" if c.gated else "mlp", "d_model": c.d_model, "d_hidden_per_expert": c.d_hidden,
+        "num_experts": c.num_experts, "top_k": c.top_k, "gate": c.gate, "capacity_factor": c.capacity_factor,
+    }
+
+
+def read_manifest(out_dir: str | Path) -> dict:
+    out_dir = Path(out_dir)
+    path = out_dir / MANIFEST
+    if not path.is_file() or not (out_dir / WEIGHTS).is_file():
+        raise ArtifactError(f"{out_dir} is not a moefx output: it needs {MANIFEST} and {WEIGHTS} (made by moefx convert or moefx.save)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != "moefx" or manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} is format {manifest.get('format')!r} version {manifest.get('format_version')!r}; this moefx "
+            f"reads 'moefx' version {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def load(out_dir: str | Path, model: nn.Module | None = None, *, example_inputs=None, example_kwargs=None) -> nn.Module:
+    """The converted model saved in ``out_dir``, with its weights.
+
+    Given ``model`` (the dense architecture; its weights may be on meta and are replaced), it is
+    converted in place the way the saved one was, and returned. Given none, the model file
+    recorded by ``moefx convert`` is imported and built: this runs that file's code, so load only
+    outputs you trust. ``example_inputs``/``example_kwargs`` replace the recorded input shapes
+    when the passes need real ones.
+    """
+    manifest = read_manifest(out_dir)
+    weights = Path(out_dir) / WEIGHTS
+    if model is None:
+        source = manifest.get("source") or {}
+        if not source.get("file"):
+            raise ArtifactError(f"{out_dir} records no model file (it was saved from Python): pass the dense model, moefx.load(dir, model=...)")
+        built = load_model_file(source["file"], source.get("entry"))
+        model = built.model
+        if example_inputs is None and example_kwargs is None:
+            example_inputs, example_kwargs = built.example_args, built.example_kwargs
+    with safe_open(weights, framework="pt") as f:
+        shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    recorded = tuple(Conversion.from_dict(c) for c in manifest["conversions"])
+    if _tensor_shapes(model) != shapes:  # not converted yet (a model that is, is only filled in)
+        _reapply(model, recorded, example_inputs, example_kwargs)
+        _check_fits(model, shapes, out_dir)
+    with safe_open(weights, framework="pt") as f:
+        _assign(model, {name: f.get_tensor(name) for name in f.keys()})
+    return model
+
+
+def _reapply(model: nn.Module, recorded: tuple[Conversion, ...], example_inputs, example_kwargs) -> None:
+    from moefx.passes.driver import moefy  # the runtime does not import the passes at module level
+
+    for conversion in recorded:
+        options = dict(conversion.options)
+        options.update(
+            include=[c.path for c in conversion.converted], exclude=None, every=1, split_by="contiguous",
+            init="split" if options["init"] == "split" else "random",  # the weights come from the file
+        )
+        args, kwargs = example_inputs, example_kwargs
+        if args is None and kwargs is None and conversion.example_inputs is not None:
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            args, kwargs = inputs_from_spec(conversion.example_inputs, device)
+        moefy(model, example_inputs=args, example_kwargs=kwargs, **options)
+    set_conversions(model, recorded)  # the record as saved, not the re-application's options
+
+
+def _check_fits(model: nn.Module, shapes: dict[str, tuple], out_dir) -> None:
+    have = _tensor_shapes(model)
+    missing, unexpected = sorted(shapes.keys() - have.keys()), sorted(have.keys() - shapes.keys())
+    wrong = sorted(n for n in have.keys() & shapes.keys() if have[n] != shapes[n])
+    if missing or unexpected or wrong:
+        problems = []
+        if missing:
+            problems.append(f"saved tensors the model lacks: {missing[:5]}")
+        if unexpected:
+            problems.append(f"model tensors not saved: {unexpected[:5]}")
+        if wrong:
+            problems.append(f"shapes differ for {[(n, have[n], shapes[n]) for n in wrong[:3]]}")
+        raise ArtifactError(
+            f"the model does not fit the weights in {out_dir} ({'; '.join(problems)}): pass the dense model the "
+            "output was converted from"
+        )
+
+
+def _named_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """Parameters and buffers (non-persistent ones too: a meta model has no other source for
+    them) by name, each tensor once; safetensors wants them contiguous and not sharing memory."""
+    tensors, storages = {}, set()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_meta:
+            raise ArtifactError(f"{name} is on the meta device: materialise the weights (load them) before saving")
+        t = t.detach().contiguous()
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key in storages:  # a view of another saved tensor
+            t = t.clone()
+        storages.add(key)
+        tensors[name] = t
+    return tensors
+
+
+def _tensor_shapes(model: nn.Module) -> dict[str, tuple]:
+    return {name: tuple(t.shape) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def _assign(model: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Put the tensors in place of the model's, keeping tied and shared ones tied."""
+    new = {}
+    for name, p in model.named_parameters():
+        new[id(p)] = nn.Parameter(tensors[name], requires_grad=p.requires_grad)
+    for name, b in model.named_buffers():
+        new[id(b)] = tensors[name]
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for key, old in table.items():
+                if old is not None and id(old) in new:
+                    table[key] = new[id(old)]

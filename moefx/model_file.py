@@ -1,0 +1,126 @@
+"""A model file: a Python file that defines how to build a model and, optionally, its example inputs.
+
+    # model.py
+    def build_model() -> nn.Module: ...      # or a module-level `model = ...`; another name via entry=
+    def example_inputs():                    # optional: the forward's positional arguments as a
+        return (tokens,)                     # tuple, or (args, kwargs)
+
+Loading one runs its code (like ``python model.py`` would, without ``__main__``). Every failure
+is a ``ModelFileError`` whose message names the file, the line and what to change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from torch import nn
+
+DEFAULT_ENTRIES = ("build_model", "model")
+
+
+class ModelFileError(RuntimeError):
+    """The model file cannot be loaded, or builds no model."""
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    path: Path
+    entry: str  # the builder's name in the file
+    model: nn.Module
+    example_args: tuple | None  # None: the file defines no example_inputs()
+    example_kwargs: dict | None
+
+
+def load_model_file(path: str | Path, entry: str | None = None) -> ModelFile:
+    """Run the file, build its model and its example inputs."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise ModelFileError(f"model file {path} not found; pass the path of a Python file that defines build_model()")
+    module = _import(path)
+    entry, builder = _builder(module, path, entry)
+    model = _call(builder, path, entry) if callable(builder) and not isinstance(builder, nn.Module) else builder
+    if not isinstance(model, nn.Module):
+        raise ModelFileError(f"{path.name}: {entry} gave a {type(model).__name__}, not a torch.nn.Module")
+    args, kwargs = None, None
+    if hasattr(module, "example_inputs"):
+        args, kwargs = _split_inputs(_call(module.example_inputs, path, "example_inputs"), path)
+    return ModelFile(path, entry, model, args, kwargs)
+
+
+def _import(path: Path) -> ModuleType:
+    name = f"_moefx_model_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look the module up by name
+    sys.path.insert(0, str(path.parent))  # the file may import its neighbours
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as err:
+        del sys.modules[name]
+        raise ModelFileError(f"{err.filename}:{err.lineno}: syntax error: {err.msg}; fix the model file") from err
+    except Exception as err:
+        del sys.modules[name]
+        raise ModelFileError(f"{path.name}: running the file failed at {_where(err, path)}: {_what(err)}") from err
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+def _builder(module: ModuleType, path: Path, entry: str | None):
+    if entry is not None:
+        if not hasattr(module, entry):
+            choices = sorted(
+                n for n, v in vars(module).items()
+                if not n.startswith("_") and (isinstance(v, nn.Module) or (callable(v) and getattr(v, "__module__", None) == module.__name__))
+            )
+            raise ModelFileError(f"{path.name} defines no {entry!r}; it defines {choices or 'no builder'}: pick one with --entry")
+        return entry, getattr(module, entry)
+    for name in DEFAULT_ENTRIES:
+        if hasattr(module, name):
+            return name, getattr(module, name)
+    raise ModelFileError(
+        f"{path.name} defines neither build_model() nor a `model` object: define one, or name the function that "
+        "builds the model with --entry NAME (entry= in Python)"
+    )
+
+
+def _call(function, path: Path, name: str):
+    try:
+        return function()
+    except Exception as err:
+        raise ModelFileError(f"{path.name}: {name}() failed at {_where(err, path)}: {_what(err)}") from err
+
+
+def _split_inputs(value, path: Path) -> tuple[tuple, dict]:
+    """``(args...)``, ``(args, kwargs)`` or one tensor → ``(args, kwargs)``."""
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], (tuple, list)) and isinstance(value[1], dict):
+        return tuple(value[0]), dict(value[1])
+    if isinstance(value, list):
+        value = tuple(value)
+    if not isinstance(value, tuple):
+        value = (value,)
+    if any(isinstance(v, dict) for v in value):
+        raise ModelFileError(
+            f"{path.name}: example_inputs() returned a dict among the positional arguments; return (args, kwargs) to "
+            "pass keyword arguments"
+        )
+    return value, {}
+
+
+def _where(err: Exception, path: Path) -> str:
+    """The innermost frame in the model file, else the innermost frame."""
+    frames = traceback.extract_tb(err.__traceback__)
+    ours = [f for f in frames if Path(f.filename) == path] or frames
+    f = ours[-1]
+    return f"{Path(f.filename).name}:{f.lineno} ({(f.line or '').strip()})"
+
+
+def _what(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
