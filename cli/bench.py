@@ -1,0 +1,378 @@
+"""Forward+backward time of one MoE layer: moefx against transformers' Mixtral block and a dense limit.
+
+For each shape, on the same input and the same expert and router weights, it times one training
+step (forward, then ``out.backward(grad)`` with a fixed random ``grad``) of:
+
+  moefx          ``moefx.MoE`` (top-k gate over a softmax, renormalised, dropless)
+  hf_eager       transformers' ``MixtralSparseMoeBlock`` with ``experts_implementation="eager"``
+  hf_grouped_mm  the same block with ``experts_implementation="grouped_mm"``
+  dense          a SwiGLU FFN of hidden size top_k * d_hidden: the same active FLOPs with no
+                 routing, the limit an MoE layer can reach
+
+Steps are interleaved round-robin over the implementations so that drift on a shared machine
+hits all of them alike. It reports the median step time, ``dense/impl`` (1.0 = as fast as the
+dense limit, higher is better), moefx's speedup over each transformers implementation and, on
+CUDA, each step's peak memory above what was allocated before it.
+
+Run it as ``moefx bench`` (or ``python benchmarks/bench_layer.py``, the same code):
+
+    moefx bench                                           # S1 and S2
+    moefx bench --shapes S2 --repeats 15 --json /tmp/bench.json
+    moefx bench --tokens 8192 --experts 16 --top-k 4      # a custom shape
+
+Record the results in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+import moefx
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    tokens: int
+    d: int
+    h: int
+    experts: int
+    top_k: int
+
+    def describe(self) -> str:
+        return f"T={self.tokens} d={self.d} h={self.h} E={self.experts} k={self.top_k}"
+
+
+SHAPES = {
+    "S1": Shape("S1", tokens=4096, d=512, h=1024, experts=8, top_k=2),
+    "S2": Shape("S2", tokens=4096, d=512, h=128, experts=64, top_k=8),  # fine-grained experts
+}
+IMPLS = ("moefx", "hf_eager", "hf_grouped_mm", "dense")
+HF_IMPLS = ("hf_eager", "hf_grouped_mm")
+# The layer's targets on CPU: dense/moefx at least this, and moefx faster than every transformers impl.
+CPU_RATIO_TARGETS = {"S1": 0.9, "S2": 0.75}
+
+
+class SkipImpl(Exception):
+    """An implementation that cannot run here; the message says why."""
+
+
+@dataclass
+class Result:
+    shape: str
+    impl: str
+    times_ms: list[float] = field(default_factory=list)
+    peak_mib: list[float] = field(default_factory=list)
+    skipped: str | None = None
+    note: str = ""
+
+    @property
+    def median_ms(self) -> float | None:
+        return statistics.median(self.times_ms) if self.times_ms else None
+
+    @property
+    def median_peak_mib(self) -> float | None:
+        return statistics.median(self.peak_mib) if self.peak_mib else None
+
+
+# ----------------------------------------------------------------------------- implementations
+
+
+class DenseSwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))`` with gate and up fused in one linear."""
+
+    def __init__(self, d: int, hidden: int, *, device, dtype) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(d, 2 * hidden, bias=False, device=device, dtype=dtype)
+        self.down = nn.Linear(hidden, d, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(nn.functional.silu(gate) * up)
+
+
+def build_moefx(shape: Shape, device, dtype) -> nn.Module:
+    return moefx.MoE(
+        d_model=shape.d, d_hidden=shape.h, num_experts=shape.experts, top_k=shape.top_k,
+        activation="silu", gated=True, bias=False, device=device, dtype=dtype,
+    ).train()
+
+
+def build_mixtral(shape: Shape, experts_impl: str, weights_from: nn.Module, device, dtype) -> nn.Module:
+    """A Mixtral sparse MoE block with moefx's weights (same layout: gate rows, then up rows)."""
+    try:
+        from transformers import MixtralConfig
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    except ImportError as e:
+        raise SkipImpl(f"transformers' Mixtral block is not importable ({e})") from e
+    if experts_impl != "eager" and experts_impl not in ALL_EXPERTS_FUNCTIONS:
+        raise SkipImpl(f"this transformers has no experts implementation {experts_impl!r}")
+    # The experts read config._experts_implementation at each forward (integrations/moe.py,
+    # @use_experts_implementation); the config's experts_implementation keyword sets it.
+    config = MixtralConfig(
+        hidden_size=shape.d, intermediate_size=shape.h, num_local_experts=shape.experts,
+        num_experts_per_tok=shape.top_k, hidden_act="silu", router_jitter_noise=0.0,
+        experts_implementation=experts_impl,
+    )
+    block = MixtralSparseMoeBlock(config)
+    with torch.no_grad():
+        block.gate.weight.copy_(weights_from.router.weight)
+        block.experts.gate_up_proj.copy_(weights_from.experts.in_proj)
+        block.experts.down_proj.copy_(weights_from.experts.out_proj)
+    return block.to(device=device, dtype=dtype).train()
+
+
+def grouped_mm_note(block: nn.Module, x: Tensor) -> str:
+    """Whether transformers' grouped_mm runs torch's grouped_mm kernel or its own per-expert loop."""
+    weight = block.experts.down_proj.transpose(-2, -1)
+    offsets = torch.zeros(weight.shape[0], dtype=torch.int32, device=x.device)
+    try:  # a private helper: if it moves or changes, leave the note out
+        from transformers.integrations.moe import _can_use_grouped_mm
+        native = _can_use_grouped_mm(x, weight, offsets)
+    except (ImportError, TypeError):
+        return ""
+    return "torch grouped_mm kernel" if native else "transformers' per-expert fallback loop"
+
+
+def as_token_fn(module: nn.Module, impl: str, shape: Shape) -> Callable[[Tensor], Tensor]:
+    """A function (tokens, d) -> (tokens, d); Mixtral takes (batch, seq, d) and may return a tuple."""
+    if impl not in HF_IMPLS:
+        return module
+
+    def run(x_TD: Tensor) -> Tensor:
+        out = module(x_TD.view(1, shape.tokens, shape.d))
+        if isinstance(out, tuple):  # older blocks return (hidden, router_logits)
+            out = out[0]
+        return out.reshape(shape.tokens, shape.d)
+
+    return run
+
+
+def build_impls(shape: Shape, names: list[str], device, dtype) -> tuple[dict, list[Result]]:
+    """The runnable implementations by name, and a skipped Result for each one that cannot run."""
+    reference = build_moefx(shape, device, dtype)
+    modules, skipped = {}, []
+    for name in names:
+        try:
+            if name == "moefx":
+                module = reference
+            elif name == "dense":
+                module = DenseSwiGLU(shape.d, shape.top_k * shape.h, device=device, dtype=dtype).train()
+            else:
+                module = build_mixtral(shape, name.removeprefix("hf_"), reference, device, dtype)
+            modules[name] = module
+        except SkipImpl as e:
+            skipped.append(Result(shape.name, name, skipped=str(e)))
+    return modules, skipped
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step(fn: Callable[[Tensor], Tensor], params: list[nn.Parameter], x: Tensor, grad: Tensor) -> None:
+    for p in params:
+        p.grad = None
+    x.grad = None
+    fn(x).backward(grad)
+
+
+def timed_step(fn, params, x, grad, device) -> tuple[float, float | None]:
+    """Milliseconds of one step and, on CUDA, its peak MiB above what was allocated before it."""
+    peak = None
+    if device.type == "cuda":
+        # Every impl's weights stay resident, so the step's own peak is measured above the baseline.
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+    sync(device)
+    start = time.perf_counter()
+    step(fn, params, x, grad)
+    sync(device)
+    ms = (time.perf_counter() - start) * 1e3
+    if device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
+    return ms, peak
+
+
+def bench_shape(shape: Shape, names: list[str], args, device: torch.device, dtype: torch.dtype) -> list[Result]:
+    torch.manual_seed(args.seed)
+    x = torch.randn(shape.tokens, shape.d, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(shape.tokens, shape.d, device=device, dtype=dtype)
+    modules, skipped = build_impls(shape, names, device, dtype)
+
+    runners, results = {}, {}
+    for name, module in modules.items():
+        fn, params = as_token_fn(module, name, shape), list(module.parameters())
+        result = Result(shape.name, name)
+        try:
+            for _ in range(args.warmup):  # also the availability probe: a failure here skips the impl
+                step(fn, params, x, grad)
+            sync(device)
+        except Exception as e:  # noqa: BLE001  (any failure of a third-party impl is a skip, not a crash)
+            first_line = next(iter(str(e).splitlines()), "")[:120]
+            skipped.append(Result(shape.name, name, skipped=f"{type(e).__name__}: {first_line}"))
+            continue
+        if name == "hf_grouped_mm":
+            result.note = grouped_mm_note(module, x)
+        runners[name], results[name] = (fn, params), result
+
+    for _ in range(args.repeats):
+        for name, (fn, params) in runners.items():
+            ms, peak = timed_step(fn, params, x, grad, device)
+            results[name].times_ms.append(ms)
+            if peak is not None:
+                results[name].peak_mib.append(peak)
+
+    by_name = {r.impl: r for r in [*results.values(), *skipped]}
+    return [by_name[name] for name in names]
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def ratio(num: float | None, den: float | None) -> float | None:
+    return num / den if num is not None and den else None
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(results: list[Result], device: torch.device) -> None:
+    cuda = device.type == "cuda"
+    header = f"{'shape':<8}{'impl':<15}{'median ms':>11}{'dense/impl':>12}" + (f"{'peak MiB':>11}" if cuda else "")
+    print(header + "  note")
+    print("-" * (len(header) + 30))
+    for r in results:
+        if r.skipped:
+            print(f"{r.shape:<8}{r.impl:<15}  skipped: {r.skipped}")
+            continue
+        dense = next((d.median_ms for d in results if d.shape == r.shape and d.impl == "dense"), None)
+        row = f"{r.shape:<8}{r.impl:<15}{fmt(r.median_ms, '.1f'):>11}{fmt(ratio(dense, r.median_ms), '.3f'):>12}"
+        if cuda:
+            row += f"{fmt(r.median_peak_mib, '.0f'):>11}"
+        print(row + (f"  {r.note}" if r.note else ""))
+
+
+def print_targets(shape: Shape, results: list[Result], device: torch.device) -> None:
+    times = {r.impl: r.median_ms for r in results if r.shape == shape.name and not r.skipped}
+    moefx_ms = times.get("moefx")
+    if moefx_ms is None:
+        print(f"{shape.name}: moefx did not run, no targets to check")
+        return
+    checks = []
+    for hf in HF_IMPLS:
+        speedup = ratio(times.get(hf), moefx_ms)
+        if speedup is not None:
+            checks.append(f"{speedup:.3f}x vs {hf} [{'met' if speedup > 1 else 'MISSED'}]")
+    target = CPU_RATIO_TARGETS.get(shape.name)
+    dense_ratio = ratio(times.get("dense"), moefx_ms)
+    if target is not None and dense_ratio is not None:
+        where = "" if device.type == "cpu" else " (a CPU target; this run is on " + device.type + ")"
+        verdict = "met" if dense_ratio >= target else "MISSED"
+        checks.append(f"dense/moefx {dense_ratio:.3f} >= {target} [{verdict}]{where}")
+    elif dense_ratio is not None:
+        checks.append(f"dense/moefx {dense_ratio:.3f} (no target for this shape)")
+    print(f"{shape.name} moefx targets: " + ("; ".join(checks) or "nothing to compare against"))
+
+
+def write_json(path: str, results: list[Result], shapes: list[Shape], args, device, dtype) -> None:
+    try:
+        import transformers
+        hf_version = transformers.__version__
+    except ImportError:
+        hf_version = None
+    rows = []
+    for r in results:
+        dense = next((d.median_ms for d in results if d.shape == r.shape and d.impl == "dense"), None)
+        moefx_ms = next((m.median_ms for m in results if m.shape == r.shape and m.impl == "moefx"), None)
+        rows.append({
+            **asdict(r), "median_ms": r.median_ms, "median_peak_mib": r.median_peak_mib,
+            "dense_over_impl": ratio(dense, r.median_ms), "moefx_speedup": ratio(r.median_ms, moefx_ms),
+        })
+    meta = {
+        "device": str(device), "dtype": str(dtype).removeprefix("torch."), "repeats": args.repeats,
+        "warmup": args.warmup, "seed": args.seed, "torch": torch.__version__, "transformers": hf_version,
+        "moefx": moefx.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "shapes": [asdict(s) for s in shapes], "results": rows}, f, indent=2)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    shapes_help = "; ".join(f"{s.name}: {s.describe()}" for s in SHAPES.values())
+    p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES), help=shapes_help)
+    custom = p.add_argument_group("custom shape (any of these runs one shape 'custom'; the rest default to S1)")
+    custom.add_argument("--tokens", type=int)
+    custom.add_argument("--d", type=int)
+    custom.add_argument("--h", type=int)
+    custom.add_argument("--experts", type=int)
+    custom.add_argument("--top-k", type=int)
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS), help="default: all")
+    p.add_argument("--repeats", type=int, default=7, help="timed steps per impl (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per impl first")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="default: float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0:
+        p.error("--repeats must be >= 1 and --warmup >= 0")
+    return args
+
+
+def chosen_shapes(args) -> list[Shape]:
+    overrides = {k: getattr(args, k) for k in ("tokens", "d", "h", "experts", "top_k") if getattr(args, k)}
+    if not overrides:
+        return [SHAPES[name] for name in args.shapes]
+    base = asdict(SHAPES["S1"]) | overrides | {"name": "custom"}
+    return [Shape(**base)]
+
+
+def main(argv=None, prog: str | None = None) -> None:
+    args = parse_args(argv, prog)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    shapes = chosen_shapes(args)
+    impls = [name for name in IMPLS if name in args.impls]
+    print(f"device={device} dtype={str(dtype).removeprefix('torch.')} threads={torch.get_num_threads()} "
+          f"repeats={args.repeats} warmup={args.warmup} torch={torch.__version__}")
+    for shape in shapes:
+        print(f"{shape.name}: {shape.describe()}")
+    print()
+
+    results = []
+    for shape in shapes:
+        results += bench_shape(shape, impls, args, device, dtype)
+    print_table(results, device)
+    print()
+    for shape in shapes:
+        print_targets(shape, results, device)
+    if args.json:
+        write_json(args.json, results, shapes, args, device, dtype)
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""The command's error type and the checks of its options that argparse cannot express."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+class CLIError(Exception):
+    """A failure the command reports in one line, with its exit code."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def check_conversion_options(args: argparse.Namespace) -> None:
+    """The limits argparse's types cannot express, as usage errors."""
+    if args.experts < 2:
+        raise CLIError(f"--experts {args.experts} is too small: an MoE layer needs at least 2 experts", code=2)
+    if not 1 <= args.top_k <= args.experts:
+        raise CLIError(f"--top-k {args.top_k} must be between 1 and --experts ({args.experts})", code=2)
+    if args.capacity_factor is not None and not args.capacity_factor > 0:
+        raise CLIError(f"--capacity-factor {args.capacity_factor} must be > 0 (leave it out for dropless routing)", code=2)
+    if args.every < 1:
+        raise CLIError(f"--every {args.every} must be >= 1 (1 converts every FFN)", code=2)
+
+
+def check_model_file(path: str) -> Path:
+    file = Path(path)
+    if not file.is_file():
+        raise CLIError(f"model file {path} not found: pass the path of a Python file that defines build_model()", code=2)
+    return file

@@ -1,0 +1,179 @@
+"""``moefx convert MODEL_PY --experts N``: load, capture, match, rewrite, write; then a summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from moefx.artifact import manifest_for, save
+from moefx.atomic import refuse_existing
+from moefx.cli.checks import CLIError, check_conversion_options, check_model_file
+from moefx.cli.views import make_console, summary_table
+from moefx.model import parameter_counts
+from moefx.model_file import ModelFile, ModelFileError, load_model_file
+from moefx.passes.capture import CaptureError
+from moefx.passes.driver import NoFFNFound, conversion_options, convert_found, search
+from moefx.passes.plan import plan
+from moefx.passes.rewrite import RewriteError
+
+STAGES = {"load": "loading the model file", "capture": "capturing the graph", "match": "matching FFNs",
+          "rewrite": "rewriting FFNs as MoE", "write": "writing"}
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    check_conversion_options(args)
+    file = check_model_file(args.model_py)
+    out = Path(args.out or f"{file.stem}-moefx")
+    if not args.dry_run:
+        try:
+            refuse_existing(out.absolute(), args.force)
+        except FileExistsError as err:
+            raise CLIError(str(err), code=2) from None
+    options = _options(args)
+    with _progress(enabled=not args.json) as stage:
+        stage("load")
+        built = _load(file, args.entry)
+        model, inputs, kwargs = built.model, built.example_args, built.example_kwargs
+        if args.dtype:
+            model.to(getattr(torch, args.dtype))
+            inputs, kwargs = _cast(inputs, args.dtype), _cast(kwargs, args.dtype)
+        before = parameter_counts(model)
+        found = _search(model, built, stage)
+        if not found.matches:
+            hint = f" ({len(found.rejected)} candidates rejected: moefx inspect {args.model_py} shows why)" if found.rejected else ""
+            raise CLIError(f"no feed-forward block found in {file.name} ({type(model).__name__}); nothing written{hint}")
+        if args.dry_run:
+            chosen = plan(found.matches, include=args.include, exclude=args.exclude, every=args.every)
+            return _report_dry_run(args, file, model, found, chosen, before)
+        try:
+            conversion = convert_found(model, found, options, example_inputs=inputs, example_kwargs=kwargs, on_stage=stage)
+        except (NoFFNFound, RewriteError, ValueError) as err:
+            raise CLIError(f"{err}; nothing written") from err
+        stage("write")
+        source = {"file": str(built.path), "entry": built.entry, "dtype": args.dtype}
+        save(model, out, force=args.force, source=source)
+    manifest = manifest_for(model, source)
+    if args.json:
+        print(json.dumps({"output": str(out.absolute()), **manifest}, indent=2))
+        return 0
+    after = parameter_counts(model)
+    rows = [
+        ("model", f"{type(model).__name__} from {file.name}:{built.entry}"),
+        ("FFNs found", str(len(found.matches))),
+        ("converted", _paths([c.path for c in conversion.converted])),
+        ("not converted", _paths([p for p, _ in conversion.skipped]) if conversion.skipped else "none"),
+        ("candidates rejected", str(len(found.rejected))),
+        ("MoE", f"{args.experts} experts, top-{args.top_k}, gate {args.gate}, init {args.init}"),
+        ("parameters", f"{_count(before.total)} → {_count(after.total)}"),
+        ("active per token", _count(after.active_per_token)),
+        ("expert size", f"{_count(after.expert)} parameters"),
+        ("output", str(out.absolute())),
+    ]
+    make_console().print(summary_table("moefx convert", rows))
+    return 0
+
+
+def _options(args: argparse.Namespace) -> dict:
+    try:
+        return conversion_options(
+            num_experts=args.experts, top_k=args.top_k, init=args.init, gate=args.gate,
+            capacity_factor=args.capacity_factor, include=args.include, exclude=args.exclude, every=args.every,
+        )
+    except ValueError as err:
+        raise CLIError(str(err), code=2) from err
+
+
+def _load(file: Path, entry: str | None) -> ModelFile:
+    try:
+        return load_model_file(file, entry)
+    except ModelFileError as err:
+        raise CLIError(str(err)) from err
+
+
+def _search(model, built: ModelFile, stage):
+    try:
+        return search(model, built.example_args, built.example_kwargs, on_stage=stage)
+    except CaptureError as err:
+        if built.example_args is None:
+            raise CLIError(
+                f"{built.path.name} defines no example_inputs() and torch.fx cannot trace {type(model).__name__} "
+                f"without them ({_first_failure(err)}): define example_inputs() returning the forward's positional "
+                "arguments as a tuple, or (args, kwargs)"
+            ) from err
+        raise CLIError(f"{err}; nothing written") from err
+
+
+def _first_failure(err: CaptureError) -> str:
+    lines = str(err).splitlines()
+    return lines[1].strip() if len(lines) > 1 else lines[0]
+
+
+def _report_dry_run(args, file: Path, model, found, chosen, before) -> int:
+    if args.json:
+        data = {
+            "dry_run": True, "model": type(model).__name__, "source": str(file.absolute()),
+            "convert": [m.path for m in chosen.convert],
+            "skipped": [{"path": m.path, "reason": why} for m, why in chosen.skipped],
+            "rejected": [{"path": r.path, "reason": r.reason} for r in found.rejected],
+            "parameters_before": before.total,
+        }
+        print(json.dumps(data, indent=2))
+        return 0
+    rows = [
+        ("model", f"{type(model).__name__} from {file.name}"),
+        ("FFNs found", str(len(found.matches))),
+        ("would convert", _paths([m.path for m in chosen.convert]) or "none"),
+        ("candidates rejected", str(len(found.rejected))),
+        ("parameters", _count(before.total)),
+        ("output", "dry run: nothing written"),
+    ]
+    make_console().print(summary_table("moefx convert --dry-run", rows))
+    return 0
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator:
+    console = make_console(stderr=True)
+    progress = Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+        console=console, transient=True, disable=not (enabled and console.is_terminal),
+    )
+    with progress:
+        task = progress.add_task("starting", total=len(STAGES))
+        done = []
+
+        def stage(name: str) -> None:
+            if done:
+                progress.advance(task)
+            done.append(name)
+            progress.update(task, description=STAGES[name])
+
+        yield stage
+
+
+def _cast(value, dtype: str):
+    if isinstance(value, torch.Tensor):
+        return value.to(getattr(torch, dtype)) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value
+
+
+def _paths(paths: list[str], limit: int = 6) -> str:
+    shown = ", ".join(paths[:limit])
+    return shown + (f", … ({len(paths) - limit} more)" if len(paths) > limit else "")
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit} ({n:,})"
+    return f"{n:,}"

@@ -1,0 +1,142 @@
+"""The ``moefx`` command: ``convert``, ``inspect`` and ``bench``.
+
+Exit codes: 0 done; 1 the conversion failed (the model file, capture, nothing to convert...);
+2 a usage error (bad option, missing file, output exists); 130 interrupted. A failure prints
+one line on stderr naming the problem and the fix, and writes nothing; ``--debug`` adds the
+traceback and the passes' debug log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+
+from moefx.cli.checks import CLIError
+from moefx.config import GATES
+from moefx.init import INIT_STRATEGIES
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line (exit 2) instead of usage + error."""
+
+    def error(self, message: str):
+        raise CLIError(f"{message} (see {self.prog} --help)", code=2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="moefx", description="Turn the feed-forward blocks of a PyTorch model into MoE layers.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    convert = commands.add_parser("convert", help="convert a model file's FFNs to MoE and write the result")
+    convert.add_argument("model_py", metavar="MODEL_PY", help="a Python file defining build_model() (or model) and example_inputs()")
+    _conversion_options(convert)
+    convert.add_argument("--dtype", choices=DTYPES, help="cast the model to this dtype before converting (default: as built)")
+    convert.add_argument("-o", "--out", metavar="DIR", help="output directory (default: ./<model file name>-moefx)")
+    convert.add_argument("--dry-run", action="store_true", help="find and plan, write nothing")
+    convert.add_argument("--force", action="store_true", help="replace an existing output directory")
+    _common(convert)
+
+    inspect = commands.add_parser("inspect", help="show a model's FFN candidates and the graph of one MoE layer")
+    inspect.add_argument("target", metavar="MODEL_PY|OUT_DIR", help="a model file, or a moefx convert output directory")
+    _conversion_options(inspect)
+    inspect.add_argument("--layer", metavar="PATH", help="the MoE layer whose graph to show (default: the first)")
+    _common(inspect)
+
+    bench = commands.add_parser("bench", help="time one MoE layer against transformers and a dense limit", add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the layer benchmark (moefx bench --help)")
+    return parser
+
+
+def _conversion_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experts", type=_int("--experts"), default=8, metavar="N", help="experts per MoE layer, >= 2 (default 8)")
+    p.add_argument("--top-k", type=_int("--top-k"), default=2, metavar="K", help="experts per token, 1..N (default 2)")
+    p.add_argument("--init", default="upcycle", type=_choice("--init", INIT_STRATEGIES), metavar="{" + ",".join(INIT_STRATEGIES) + "}")
+    p.add_argument("--gate", default="topk", type=_choice("--gate", GATES), metavar="{" + ",".join(GATES) + "}")
+    p.add_argument("--capacity-factor", type=_float("--capacity-factor"), metavar="F", help="> 0; default: dropless")
+    p.add_argument("--include", action="append", metavar="GLOB", help="convert only FFNs whose module path matches (repeatable)")
+    p.add_argument("--exclude", action="append", metavar="GLOB", help="do not convert FFNs whose path matches (repeatable)")
+    p.add_argument("--every", type=_int("--every"), default=1, metavar="N", help="convert every N-th FFN (default 1: all)")
+    p.add_argument("--entry", metavar="NAME", help="the builder in the model file (default: build_model, then model)")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON for machines instead of tables")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and the passes' log")
+
+
+def _int(flag: str):
+    def parse(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {text!r}") from None
+    return parse
+
+
+def _float(flag: str):
+    def parse(text: str) -> float:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}") from None
+    return parse
+
+
+def _choice(flag: str, choices):
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} is unknown: choose one of {', '.join(choices)}")
+        return text
+    return parse
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[_log_handler()], force=True)
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            raise CLIError("no command given: use moefx convert, moefx inspect or moefx bench (see moefx --help)", code=2)
+        return _run(args)
+    except CLIError as err:
+        return _fail(str(err), err.code, debug)
+    except KeyboardInterrupt:
+        return _fail("interrupted; nothing written", 130, debug)
+    except Exception as err:  # a failure of moefx itself: still one line, the traceback with --debug
+        return _fail(f"{type(err).__name__}: {err}", 1, debug)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "bench":
+        from moefx.cli.bench import main as bench_main
+
+        bench_main(args.bench_args, prog="moefx bench")
+        return 0
+    if args.command == "convert":
+        from moefx.cli.convert import run_convert
+
+        return run_convert(args)
+    from moefx.cli.inspection import run_inspect
+
+    return run_inspect(args)
+
+
+def _fail(message: str, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    one_line = " ".join(part.strip() for part in message.strip().splitlines())
+    print(f"moefx: error: {one_line}", file=sys.stderr)
+    return code
+
+
+def _log_handler() -> logging.Handler:
+    from rich.logging import RichHandler
+
+    from moefx.cli.views import make_console
+
+    return RichHandler(console=make_console(stderr=True), show_path=False)
