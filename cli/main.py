@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--layer", metavar="PATH", help="the MoE layer whose graph to show (default: the first)")
     _common(inspect)
 
-    bench = commands.add_parser("bench", help="time one MoE layer against transformers and a dense limit", add_help=False)
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the layer benchmark (moefx bench --help)")
+    # Listed for --help; main() hands `moefx bench ...` to the benchmark's own parser.
+    commands.add_parser("bench", help="time one MoE layer against transformers and a dense limit (moefx bench --help)")
     return parser
 
 
@@ -98,7 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[_log_handler()], force=True)
+    if not debug:  # torch logs the export failures that capture recovers from, or reports in one line
+        logging.getLogger("torch").setLevel(logging.CRITICAL)
     try:
+        if argv[:1] == ["bench"]:  # every option belongs to the benchmark's own parser
+            from moefx.cli.bench import main as bench_main
+
+            bench_main(argv[1:], prog="moefx bench")
+            return 0
         args = build_parser().parse_args(argv)
         if args.command is None:
             raise CLIError("no command given: use moefx convert, moefx inspect or moefx bench (see moefx --help)", code=2)
@@ -112,11 +119,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.command == "bench":
-        from moefx.cli.bench import main as bench_main
-
-        bench_main(args.bench_args, prog="moefx bench")
-        return 0
     if args.command == "convert":
         from moefx.cli.convert import run_convert
 

@@ -1,0 +1,121 @@
+"""``moefx convert`` end to end on the bundled examples, and ``moefx.load`` of what it wrote."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import moefx
+from moefx.model_file import load_model_file
+from moefx.passes.driver import conversion_options, convert_found, search
+from tests.cli.helpers import EXAMPLES, MLP_MODEL, moefx as run, write_model_file
+
+# example: (FFNs in the model, options)
+EXAMPLE_FILES = {
+    "tiny_llama": (4, ["--experts", "4", "--top-k", "2"]),
+    "tiny_gpt2": (3, ["--experts", "4", "--init", "drop-upcycle"]),
+    "tiny_bert": (2, ["--experts", "4", "--init", "split", "--top-k", "4"]),
+    "tiny_vit": (2, ["--experts", "2", "--top-k", "1", "--gate", "switch", "--capacity-factor", "1.5"]),
+    "hand_written": (3, ["--experts", "4", "--top-k", "1", "--every", "2"]),
+}
+
+
+def _output(result):
+    return result.last_hidden_state if hasattr(result, "last_hidden_state") else getattr(result, "logits", result)
+
+
+def _converted_in_memory(name: str, args: list[str]):
+    """What the command does, done here with the same options, for comparison."""
+    built = load_model_file(EXAMPLES / f"{name}.py")
+    flags = dict(zip(args[::2], args[1::2]))
+    options = conversion_options(
+        num_experts=int(flags["--experts"]), top_k=int(flags.get("--top-k", 2)), init=flags.get("--init", "upcycle"),
+        gate=flags.get("--gate", "topk"), capacity_factor=float(flags["--capacity-factor"]) if "--capacity-factor" in flags else None,
+        every=int(flags.get("--every", 1)),
+    )
+    found = search(built.model, built.example_args, built.example_kwargs)
+    convert_found(built.model, found, options, example_inputs=built.example_args, example_kwargs=built.example_kwargs)
+    return built
+
+
+@pytest.mark.parametrize("name", list(EXAMPLE_FILES))
+def test_convert_then_load_equals_the_model_converted_in_memory(tmp_path, name):
+    ffns, args = EXAMPLE_FILES[name]
+    result = run("convert", EXAMPLES / f"{name}.py", *args, "-o", "out", cwd=tmp_path)
+    assert result.code == 0, result.err
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "moefx.json"]
+    manifest = json.loads((out / "moefx.json").read_text())
+    (conversion,) = manifest["conversions"]
+    converted = conversion["converted"]
+    every = int(dict(zip(args[::2], args[1::2])).get("--every", 1))
+    assert len(converted) == ffns // every and len(converted) + len(conversion["skipped"]) == ffns
+    assert all(c["d_model"] > 0 and c["d_hidden"] > 0 and c["kind"] in ("mlp", "glu") for c in converted)
+    params, layer = manifest["parameters"], manifest["moe_layers"][0]
+    assert (params["active_per_token"] < params["total"]) == (layer["top_k"] < layer["num_experts"])
+    assert manifest["source"]["entry"] == "build_model" and manifest["torch_version"] in torch.__version__
+    assert "FFNs found" in result.out and str(out) in result.out
+
+    expected = _converted_in_memory(name, args)
+    loaded = moefx.load(out)
+    assert [p for p, _ in moefx.moe_layers(loaded)] == [c["path"] for c in converted]
+    expected_state, loaded_state = expected.model.state_dict(), loaded.state_dict()
+    assert expected_state.keys() == loaded_state.keys()
+    for key in expected_state:
+        torch.testing.assert_close(loaded_state[key], expected_state[key], rtol=0, atol=0, msg=key)
+    expected.model.eval(), loaded.eval()
+    args = expected.example_args or (torch.randint(0, 256, (2, 12)),)  # hand_written defines none
+    with torch.no_grad():
+        want = _output(expected.model(*args, **(expected.example_kwargs or {})))
+        got = _output(loaded(*args, **(expected.example_kwargs or {})))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_dry_run_writes_nothing_and_lists_what_would_convert(tmp_path):
+    result = run("convert", EXAMPLES / "hand_written.py", "--dry-run", "--exclude", "blocks.1.*", "--json", cwd=tmp_path)
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert report["dry_run"] and report["convert"] == ["blocks.0.ffn", "blocks.2.ffn"]
+    assert [s["path"] for s in report["skipped"]] == ["blocks.1.ffn"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_json_output_is_the_manifest(tmp_path):
+    result = run("convert", EXAMPLES / "hand_written.py", "--experts", "4", "--json", cwd=tmp_path)
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert report["output"] == str(tmp_path / "hand_written-moefx")
+    assert report["conversions"][0]["options"]["num_experts"] == 4
+    assert json.loads((tmp_path / "hand_written-moefx" / "moefx.json").read_text())["moe_layers"] == report["moe_layers"]
+
+
+def test_force_replaces_an_existing_output(tmp_path):
+    write_model_file(tmp_path, MLP_MODEL)
+    assert run("convert", "model.py", "-o", "out", "--experts", "2", cwd=tmp_path).code == 0
+    (tmp_path / "out" / "stale.txt").write_text("old")
+    result = run("convert", "model.py", "-o", "out", "--experts", "4", "--force", cwd=tmp_path)
+    assert result.code == 0, result.err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.safetensors", "moefx.json"]
+    assert json.loads((tmp_path / "out" / "moefx.json").read_text())["moe_layers"][0]["num_experts"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.py", "out"], "temporary directories were left"
+
+
+def test_dtype_casts_the_written_weights(tmp_path):
+    result = run("convert", EXAMPLES / "hand_written.py", "--dtype", "bfloat16", "-o", "out", cwd=tmp_path)
+    assert result.code == 0, result.err
+    with safe_open(tmp_path / "out" / "model.safetensors", framework="pt") as f:
+        assert f.get_tensor("blocks.0.ffn.experts.in_proj").dtype == torch.bfloat16
+    loaded = moefx.load(tmp_path / "out")
+    assert loaded.blocks[0].ffn.experts.in_proj.dtype == torch.bfloat16
+
+
+def test_bench_runs_the_layer_benchmark(tmp_path):
+    result = run(
+        "bench", "--tokens", "64", "--d", "16", "--h", "32", "--experts", "4", "--top-k", "2",
+        "--impls", "moefx", "dense", "--repeats", "1", "--warmup", "0", cwd=tmp_path,
+    )
+    assert result.code == 0, result.err
+    assert "T=64 d=16 h=32 E=4 k=2" in result.out and "moefx" in result.out and "dense" in result.out

@@ -1,0 +1,106 @@
+"""Every failure of ``moefx convert``: the exit code, one line on stderr that names the problem and
+the fix, no traceback, and nothing written."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.cli.helpers import MLP_MODEL, moefx, write_model_file
+
+CONV_NET = """
+import torch
+from torch import nn
+
+def build_model():
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+
+def example_inputs():
+    return (torch.randn(1, 3, 12, 12),)
+"""
+
+DATA_DEPENDENT = """
+import torch
+from torch import nn
+
+class Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = -x
+        return self.down(torch.relu(self.up(x)))
+
+def build_model():
+    return Gated()
+"""
+
+ITEM_IN_FORWARD = DATA_DEPENDENT + """
+def example_inputs():
+    return (torch.randn(3, 8),)
+
+Gated.forward = lambda self, x: self.down(torch.relu(self.up(x[: int(x.abs().sum().item() * 0) + 3].nonzero().float())))
+"""
+
+CASES = {
+    # name: (model file body or None for a missing file, extra args, exit code, words the line must hold)
+    "missing file": (None, [], 2, ["nope.py not found", "build_model()"]),
+    "syntax error": ("import torch\ndef build_model(:\n    pass\n", [], 1, ["model.py:2", "syntax error"]),
+    "build fails": (
+        "def build_model():\n    raise RuntimeError('no weights here')\n", [], 1,
+        ["build_model() failed at model.py:2", "RuntimeError: no weights here"],
+    ),
+    "no builder": ("x = 1\n", [], 1, ["neither build_model() nor a `model` object", "--entry"]),
+    "unknown entry": (MLP_MODEL, ["--entry", "make_it"], 1, ["no 'make_it'", "build_model"]),
+    "inputs needed": (DATA_DEPENDENT, [], 1, ["defines no example_inputs()", "define example_inputs()"]),
+    "capture fails": (ITEM_IN_FORWARD, [], 1, ["cannot capture Gated", "model.py:"]),
+    "no ffn": (CONV_NET, [], 1, ["no feed-forward block found", "nothing written"]),
+    "one expert": (MLP_MODEL, ["--experts", "1"], 2, ["--experts 1", "at least 2"]),
+    "experts not an integer": (MLP_MODEL, ["--experts", "four"], 2, ["--experts must be an integer", "'four'"]),
+    "top-k zero": (MLP_MODEL, ["--top-k", "0"], 2, ["--top-k 0 must be between 1 and --experts (8)"]),
+    "top-k above experts": (MLP_MODEL, ["--experts", "4", "--top-k", "5"], 2, ["--top-k 5 must be between 1 and --experts (4)"]),
+    "capacity zero": (MLP_MODEL, ["--capacity-factor", "0"], 2, ["--capacity-factor 0.0 must be > 0"]),
+    "unknown init": (MLP_MODEL, ["--init", "magic"], 2, ["--init 'magic' is unknown", "upcycle"]),
+    "unknown gate": (MLP_MODEL, ["--gate", "magic"], 2, ["--gate 'magic' is unknown", "topk"]),
+    "gate needs top-1": (MLP_MODEL, ["--gate", "switch"], 2, ["top_k", "must be 1 for gate='switch'"]),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_failure_is_one_clear_line_and_writes_nothing(tmp_path, name):
+    body, extra, code, words = CASES[name]
+    file = "nope.py" if body is None else write_model_file(tmp_path, body).name
+    before = set(tmp_path.iterdir())
+    result = moefx("convert", file, *extra, cwd=tmp_path)
+    assert result.code == code, result.err
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moefx: error: "), result.err
+    for word in words:
+        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
+    assert set(tmp_path.iterdir()) == before, "something was written"
+    assert result.out == ""
+
+
+def test_existing_output_is_refused_and_left_alone(tmp_path):
+    write_model_file(tmp_path, MLP_MODEL)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = moefx("convert", "model.py", "-o", "out", cwd=tmp_path)
+    assert result.code == 2
+    assert "already exists" in result.err and "--force" in result.err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    write_model_file(tmp_path, "def build_model():\n    raise RuntimeError('no weights here')\n")
+    result = moefx("convert", "model.py", "--debug", cwd=tmp_path)
+    assert result.code == 1
+    assert "Traceback (most recent call last)" in result.err
+    assert result.err.strip().splitlines()[-1].startswith("moefx: error: ")
+
+
+def test_no_command_is_a_usage_error(tmp_path):
+    result = moefx(cwd=tmp_path)
+    assert result.code == 2 and "no command given" in result.err

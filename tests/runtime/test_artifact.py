@@ -1,0 +1,117 @@
+"""moefx.save / moefx.load: round trips onto dense models (real or meta), and refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import moefx
+from moefx.artifact import ArtifactError
+from tests.passes.models import CASES
+
+
+def _out(result) -> torch.Tensor:
+    if isinstance(result, torch.Tensor):
+        return result
+    return result.last_hidden_state if hasattr(result, "last_hidden_state") else result[0]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_load_onto_a_meta_dense_model_reproduces_the_converted_one(tmp_path, case):
+    torch.manual_seed(0)
+    model = case.build().eval()
+    args, kwargs = case.inputs()
+    moefx.moefy(model, num_experts=4, top_k=2, init="drop-upcycle", example_inputs=args, example_kwargs=kwargs)
+    moefx.save(model, tmp_path / "out")
+    with torch.device("meta"):
+        dense = case.build()
+    loaded = moefx.load(tmp_path / "out", dense).eval()
+    assert loaded is dense
+    assert [p for p, _ in moefx.moe_layers(loaded)] == [p for p, _ in moefx.moe_layers(model)]
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    want, got = model.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    with torch.no_grad():  # same weights; kernels may round differently on differently aligned memory
+        torch.testing.assert_close(_out(loaded(*args, **kwargs)), _out(model(*args, **kwargs)), rtol=1e-6, atol=1e-6)
+
+
+def test_tied_and_shared_weights_stay_tied():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, use_cache=False, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    moefx.moefy(model, num_experts=2, example_inputs=(torch.randint(0, 64, (1, 5)),))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        moefx.save(model, f"{tmp}/out")
+        with torch.device("meta"):
+            dense = LlamaForCausalLM(config)
+        loaded = moefx.load(f"{tmp}/out", dense)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
+def test_albert_like_shared_ffn_is_one_shared_moe_after_load(tmp_path):
+    case = next(c for c in CASES if c.name == "albert_like")
+    model = case.build()
+    args, _ = case.inputs()
+    moefx.moefy(model, num_experts=2, example_inputs=args)
+    moefx.save(model, tmp_path / "out")
+    loaded = moefx.load(tmp_path / "out", case.build())
+    (path, layer), = moefx.moe_layers(loaded)
+    uses = [m for m in loaded.modules() if any(child is layer for child in m.children())]
+    assert len(uses) >= 1 and sum(1 for m in loaded.modules() if m is layer) == 1
+
+
+def test_split_kmeans_round_trip(tmp_path):
+    case = next(c for c in CASES if c.name == "llama")
+    model = case.build().eval()
+    args, kwargs = case.inputs()
+    moefx.moefy(model, num_experts=4, top_k=4, init="split", split_by="kmeans", example_inputs=args, example_kwargs=kwargs)
+    moefx.save(model, tmp_path / "out")
+    loaded = moefx.load(tmp_path / "out", case.build()).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_out(loaded(*args, **kwargs)), _out(model(*args, **kwargs)), rtol=0, atol=0)
+
+
+def _mlp_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8)))
+
+
+def test_loading_into_another_architecture_is_refused(tmp_path):
+    model = _mlp_model()
+    moefx.moefy(model, num_experts=2, example_inputs=(torch.randn(2, 8),))
+    moefx.save(model, tmp_path / "out")
+    other = nn.Sequential(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)))
+    with pytest.raises(ArtifactError, match="does not fit the weights"):
+        moefx.load(tmp_path / "out", other)
+
+
+def test_directories_that_are_not_outputs_are_refused(tmp_path):
+    with pytest.raises(ArtifactError, match="is not a moefx output"):
+        moefx.load(tmp_path)
+    model = _mlp_model()
+    moefx.moefy(model, num_experts=2, example_inputs=(torch.randn(2, 8),))
+    moefx.save(model, tmp_path / "out")
+    with pytest.raises(ArtifactError, match="records no model file"):
+        moefx.load(tmp_path / "out")
+    manifest = tmp_path / "out" / "moefx.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format_version": 99}))
+    with pytest.raises(ArtifactError, match="version 99"):
+        moefx.load(tmp_path / "out", _mlp_model())
+
+
+def test_saving_meta_weights_is_refused_and_writes_nothing(tmp_path):
+    with torch.device("meta"):
+        model = _mlp_model()
+    with pytest.raises(ArtifactError, match="meta device"):
+        moefx.save(model, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
