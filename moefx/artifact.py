@@ -110,6 +110,7 @@ def load(out_dir: str | Path, model: nn.Module | None = None, *, example_inputs=
         shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     recorded = tuple(Conversion.from_dict(c) for c in manifest["conversions"])
     if _tensor_shapes(model) != shapes:  # not converted yet (a model that is, is only filled in)
+        model.to("meta")  # every tensor comes from the file: no memory for a second copy meanwhile
         _reapply(model, recorded, example_inputs, example_kwargs)
         _check_fits(model, shapes, out_dir)
     with safe_open(weights, framework="pt") as f:

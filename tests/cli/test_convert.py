@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -119,3 +120,30 @@ def test_bench_runs_the_layer_benchmark(tmp_path):
     )
     assert result.code == 0, result.err
     assert "T=64 d=16 h=32 E=4 k=2" in result.out and "moefx" in result.out and "dense" in result.out
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_ctrl_c_while_writing_leaves_no_output_and_keeps_the_old_one(tmp_path, monkeypatch, capsys, existing):
+    from moefx import artifact
+    from moefx.cli.main import main
+
+    def interrupted_save_file(tensors, path, metadata=None):
+        open(path, "wb").write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(artifact, "save_file", interrupted_save_file)
+    root, torch_logger = logging.getLogger(), logging.getLogger("torch")  # main() sets up the process's logging
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    monkeypatch.setattr(torch_logger, "level", torch_logger.level)
+    model_py = write_model_file(tmp_path, MLP_MODEL)
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+        (out / "moefx.json").write_text("old")
+    code = main(["convert", str(model_py), "-o", str(out), *(["--force"] if existing else [])])
+    assert code == 130
+    assert capsys.readouterr().err.strip() == "moefx: error: interrupted; nothing written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["model.py", "out"] if existing else ["model.py"])
+    if existing:
+        assert [p.name for p in out.iterdir()] == ["moefx.json"] and (out / "moefx.json").read_text() == "old"
