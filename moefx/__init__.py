@@ -1,7 +1,7 @@
 """moefx: turn the feed-forward blocks of any PyTorch model into Mixture-of-Experts layers.
 
 Public API (see DESIGN.md): ``moefy``, ``find_ffns``, ``MoE``, ``MoEConfig``, ``FFNTemplate``, ``moe_layers``,
-``aux_loss``, ``save``, ``load``.
+``aux_loss``, ``save``, ``load``, ``parallelize``, ``expert_parallel_mesh``.
 """
 
 from moefx.config import MoEConfig
@@ -11,10 +11,11 @@ from moefx.template import FFNTemplate
 from moefx.passes.driver import NoFFNFound, find_ffns, moefy  # noqa: E402  (needs the runtime above)
 from moefx.passes.find_ffn import FFNMatch
 from moefx.artifact import load, save
+from moefx.parallel import expert_parallel_mesh, parallelize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FFNMatch", "FFNTemplate", "MoE", "MoEConfig", "MoEStats", "NoFFNFound", "aux_loss", "find_ffns", "moe_layers",
-    "load", "moefy", "save", "__version__",
+    "expert_parallel_mesh", "load", "moefy", "parallelize", "save", "__version__",
 ]

@@ -23,6 +23,11 @@ class DispatchMeta:
     slot_row_S: Tensor  # slot -> permuted row
     offsets_E1: Tensor  # expert e owns rows [offsets[e], offsets[e+1]); rows past offsets[E] are dropped
 
+    @property
+    def permute_offsets_E1(self) -> Tensor:
+        """This process's token copies per expert, as offsets (the layer's statistics)."""
+        return self.offsets_E1
+
 
 class LocalDispatcher:
     """All experts live in this process: permute, then unpermute."""

@@ -134,7 +134,7 @@ class MoE(nn.Module):
             out_TD = out_TD + self.shared_experts(x_TD)
         if not torch.compiler.is_exporting():  # an exported program has no module state to update
             self._last_routing = routing
-            offsets_E1 = meta.offsets_E1
+            offsets_E1 = meta.permute_offsets_E1
             self._last_stats = MoEStats(
                 tokens_per_expert=(offsets_E1[1:] - offsets_E1[:-1]).detach(),
                 routed_per_expert=routing.counts_E.detach(),

@@ -1,0 +1,128 @@
+"""Expert-parallel scenarios, run by ``torchrun`` from test_expert_parallel.py (gloo, CPU).
+
+    torchrun --standalone --nproc_per_node 2 tests/distributed/worker.py equivalence
+
+Each rank checks its own results against a single-process reference computed with the same
+weights and raises on a mismatch, so the launcher's exit code is the verdict.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import torch
+import torch.distributed as dist
+
+import moefx
+
+D, H = 16, 24
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def _close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    err = _rel_err(got, want)
+    if not err <= 1e-5:
+        raise AssertionError(f"rank {dist.get_rank()}: {name} differs from the single-process layer, relative error {err:.3g}")
+
+
+def _inputs(rank: int, tokens: int, positive: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(tokens, D, generator=g, dtype=torch.float64)
+    return (x.abs() if positive else x), torch.randn(tokens, D, generator=g, dtype=torch.float64)
+
+
+def _layer(num_experts: int, capacity_factor, routing: str, ep_size: int) -> moefx.MoE:
+    torch.manual_seed(0)
+    layer = moefx.MoE(d_model=D, d_hidden=H, num_experts=num_experts, top_k=2, capacity_factor=capacity_factor,
+                      bias=True, dtype=torch.float64)
+    local = num_experts // ep_size
+    with torch.no_grad():  # inputs are positive here, so the sign of a router row decides
+        if routing == "rank1_idle":  # no token picks rank 1's experts
+            layer.router.weight[local : 2 * local] = -1.0
+        elif routing == "all_to_rank0":  # every token picks rank 0's experts
+            layer.router.weight[:local] = layer.router.weight[:local].abs() + 1.0
+            layer.router.weight[local:] = -1.0
+    return layer
+
+
+def equivalence(routing: str = "random", capacity: str = "none") -> None:
+    """EP forward and backward equal the single-process layer: outputs, input, router and expert grads."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    num_experts = 2 * world
+    capacity_factor = None if capacity == "none" else 1.0
+    layer = _layer(num_experts, capacity_factor, routing, world)
+    reference = copy.deepcopy(layer)
+    mesh = moefx.expert_parallel_mesh(ep_size=world)
+    moefx.parallelize(layer, mesh, data_parallel=False)
+    # Dropless: every rank a different token count (uneven splits); capacity mode needs equal counts.
+    tokens = [12 if capacity_factor else 5 + 7 * r for r in range(world)]
+    positive = routing != "random"
+    x, g = _inputs(rank, tokens[rank], positive)
+    x.requires_grad_(True)
+    y = layer(x)
+    (y * g).sum().backward()
+
+    mine = None
+    for r in range(world):  # the reference sees every rank's tokens; expert grads sum over them
+        xr, gr = _inputs(r, tokens[r], positive)
+        xr.requires_grad_(True)
+        yr = reference(xr)
+        (yr * gr).sum().backward()
+        if r == rank:
+            mine = (yr.detach(), xr.grad, reference.router.weight.grad.clone(), reference.stats().dropped.clone())
+        reference.router.weight.grad = None
+    want_y, want_dx, want_router, want_dropped = mine
+    _close("output", y, want_y)
+    _close("input gradient", x.grad, want_dx)
+    _close("router gradient", layer.router.weight.grad, want_router)
+    if int(layer.stats().dropped) != int(want_dropped):
+        raise AssertionError(f"rank {rank}: dropped {int(layer.stats().dropped)} copies, the single-process layer {int(want_dropped)}")
+    local = num_experts // world
+    for name in ("in_proj", "out_proj", "in_bias", "out_bias"):
+        want = getattr(reference.experts, name).grad[rank * local : (rank + 1) * local] / world
+        _close(f"{name} gradient", getattr(layer.experts, name).grad, want)
+    if routing == "rank1_idle" and rank == 1:
+        assert layer.experts.in_proj.grad.abs().sum() == 0, "rank 1's experts got tokens"
+
+
+def errors() -> None:
+    """Bad set-ups raise a clear error on every rank instead of hanging."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = moefx.expert_parallel_mesh(ep_size=world)
+    cases = {
+        "not divisible": (lambda: moefx.MoE(d_model=D, d_hidden=H, num_experts=world + 1, top_k=1),
+                          f"num_experts={world + 1}, which the EP size {world} does not divide"),
+        "ranks differ": (lambda: moefx.MoE(d_model=D, d_hidden=H, num_experts=2 * world if rank else world, top_k=1),
+                         "ranks differ in their MoE layers"),
+    }
+    for name, (build, words) in cases.items():
+        try:
+            moefx.parallelize(build(), mesh, data_parallel=False)
+        except ValueError as err:
+            if words not in str(err):
+                raise AssertionError(f"rank {rank}, {name}: unexpected message {err}") from err
+        else:
+            raise AssertionError(f"rank {rank}, {name}: no error")
+    try:
+        moefx.expert_parallel_mesh(ep_size=world + 1)
+    except ValueError as err:
+        assert f"ep_size={world + 1} must divide the world size {world}" in str(err), err
+    else:
+        raise AssertionError("ep_size not dividing the world was accepted")
+    dist.barrier()
+
+
+SCENARIOS = {"equivalence": equivalence, "errors": errors}
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo")
+    try:
+        name, *args = sys.argv[1:]
+        SCENARIOS[name](*args)
+        print(f"rank {dist.get_rank()}: {name} {' '.join(args)} ok")
+    finally:
+        dist.destroy_process_group()
