@@ -1,6 +1,6 @@
 """Expert-parallel scenarios, run by ``torchrun`` from test_expert_parallel.py (gloo, CPU).
 
-    torchrun --standalone --nproc_per_node 2 tests/distributed/worker.py equivalence
+    torchrun --standalone --nproc_per_node 2 tests/distributed/worker.py equivalence:random:none errors
 
 Each rank checks its own results against a single-process reference computed with the same
 weights and raises on a mismatch, so the launcher's exit code is the verdict.
@@ -116,13 +116,27 @@ def errors() -> None:
     dist.barrier()
 
 
-SCENARIOS = {"equivalence": equivalence, "errors": errors}
+def export_shows_the_exchange() -> None:
+    """In capacity mode nothing depends on the data: the EP layer exports, all-to-alls as nodes."""
+    world = dist.get_world_size()
+    layer = _layer(2 * world, 1.0, "random", world)
+    moefx.parallelize(layer, moefx.expert_parallel_mesh(ep_size=world), data_parallel=False)
+    x, _ = _inputs(dist.get_rank(), 12, positive=False)
+    program = torch.export.export(layer, (x,), strict=False)
+    ops = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    exchanges = [op for op in ops if op == "moefx.all_to_all.default"]
+    assert len(exchanges) == 2, f"expected the dispatch and combine all-to-alls, got {ops}"
+    torch.testing.assert_close(program.module()(x), layer(x))
+
+
+SCENARIOS = {"equivalence": equivalence, "errors": errors, "export": export_shows_the_exchange}
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")
     try:
-        name, *args = sys.argv[1:]
-        SCENARIOS[name](*args)
-        print(f"rank {dist.get_rank()}: {name} {' '.join(args)} ok")
+        for spec in sys.argv[1:]:  # name[:arg[:arg]] ...
+            name, *args = spec.split(":")
+            SCENARIOS[name](*args)
+            print(f"rank {dist.get_rank()}: {spec} ok", flush=True)
     finally:
         dist.destroy_process_group()
