@@ -18,11 +18,14 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from moefx.atomic import atomic_directory
+from moefx.distributed_checkpoint import is_expert_parallel, load_distributed, save_distributed
 from moefx.model import moe_layers, parameter_counts
 from moefx.model_file import load_model_file
 from moefx.record import Conversion, conversions, inputs_from_spec, set_conversions
@@ -30,6 +33,7 @@ from moefx.record import Conversion, conversions, inputs_from_spec, set_conversi
 log = logging.getLogger(__name__)
 
 MANIFEST, WEIGHTS = "moefx.json", "model.safetensors"
+INDEX = "model.safetensors.index.json"  # weights in several files (a distributed save)
 FORMAT_VERSION = 1
 
 
@@ -43,8 +47,11 @@ def save(model: nn.Module, out_dir: str | Path, *, force: bool = False, source: 
     ``source`` (``{"file": ..., "entry": ..., "dtype": ...}``) lets ``load(out_dir)`` rebuild the
     dense model by itself; without it, ``load`` needs the dense model passed in.
     """
+    model = _unwrap(model)
     tensors = _named_tensors(model)
     manifest = manifest_for(model, source)
+    if dist.is_initialized() and dist.get_world_size() > 1:  # every rank writes its part
+        return save_distributed(model, out_dir, tensors, manifest, force)
     with atomic_directory(out_dir, force=force) as tmp:
         save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -76,8 +83,11 @@ def _layer_entry(path: str, layer) -> dict:
 def read_manifest(out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     path = out_dir / MANIFEST
-    if not path.is_file() or not (out_dir / WEIGHTS).is_file():
-        raise ArtifactError(f"{out_dir} is not a moefx output: it needs {MANIFEST} and {WEIGHTS} (made by moefx convert or moefx.save)")
+    if not path.is_file() or not ((out_dir / WEIGHTS).is_file() or (out_dir / INDEX).is_file()):
+        raise ArtifactError(
+            f"{out_dir} is not a moefx output: it needs {MANIFEST} and {WEIGHTS} (or {INDEX}), made by moefx convert "
+            "or moefx.save"
+        )
     manifest = json.loads(path.read_text())
     if manifest.get("format") != "moefx" or manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(
@@ -97,7 +107,9 @@ def load(out_dir: str | Path, model: nn.Module | None = None, *, example_inputs=
     when the passes need real ones.
     """
     manifest = read_manifest(out_dir)
-    weights = Path(out_dir) / WEIGHTS
+    if model is not None and is_expert_parallel(_unwrap(model)):  # this rank's slices only
+        _load_into_expert_parallel(_unwrap(model), out_dir)
+        return model
     if model is None:
         source = manifest.get("source") or {}
         if not source.get("file"):
@@ -106,16 +118,43 @@ def load(out_dir: str | Path, model: nn.Module | None = None, *, example_inputs=
         model = built.model
         if example_inputs is None and example_kwargs is None:
             example_inputs, example_kwargs = built.example_args, built.example_kwargs
-    with safe_open(weights, framework="pt") as f:
-        shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    files = _weight_files(Path(out_dir))
+    shapes = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            shapes.update((name, tuple(f.get_slice(name).get_shape())) for name in f.keys())
     recorded = tuple(Conversion.from_dict(c) for c in manifest["conversions"])
     if _tensor_shapes(model) != shapes:  # not converted yet (a model that is, is only filled in)
         model.to("meta")  # every tensor comes from the file: no memory for a second copy meanwhile
         _reapply(model, recorded, example_inputs, example_kwargs)
         _check_fits(model, shapes, out_dir)
-    with safe_open(weights, framework="pt") as f:
-        _assign(model, {name: f.get_tensor(name) for name in f.keys()})
+    tensors = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            tensors.update((name, f.get_tensor(name)) for name in f.keys())
+    _assign(model, tensors)
     return model
+
+
+def _weight_files(out_dir: Path) -> list[Path]:
+    if (out_dir / WEIGHTS).is_file():
+        return [out_dir / WEIGHTS]
+    weight_map = json.loads((out_dir / INDEX).read_text())["weight_map"]
+    return [out_dir / name for name in sorted(set(weight_map.values()))]
+
+
+def _load_into_expert_parallel(model: nn.Module, out_dir) -> None:
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        model.to_empty(device="cpu")  # every tensor is about to be read from the checkpoint
+    load_distributed(model, out_dir, {name: t.detach() for name, t in _unique_tensors(model)})
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _unique_tensors(model: nn.Module):
+    return [*model.named_parameters(), *model.named_buffers()]
 
 
 def _reapply(model: nn.Module, recorded: tuple[Conversion, ...], example_inputs, example_kwargs) -> None:
@@ -157,7 +196,7 @@ def _named_tensors(model: nn.Module) -> dict[str, Tensor]:
     """Parameters and buffers (non-persistent ones too: a meta model has no other source for
     them) by name, each tensor once; safetensors wants them contiguous and not sharing memory."""
     tensors, storages = {}, set()
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+    for name, t in _unique_tensors(model):
         if t.is_meta:
             raise ArtifactError(f"{name} is on the meta device: materialise the weights (load them) before saving")
         t = t.detach().contiguous()
@@ -170,7 +209,7 @@ def _named_tensors(model: nn.Module) -> dict[str, Tensor]:
 
 
 def _tensor_shapes(model: nn.Module) -> dict[str, tuple]:
-    return {name: tuple(t.shape) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    return {name: tuple(t.shape) for name, t in _unique_tensors(model)}
 
 
 def _assign(model: nn.Module, tensors: dict[str, Tensor]) -> None:

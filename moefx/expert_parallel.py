@@ -23,8 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
 
 import moefx.kernels  # noqa: F401  (registers torch.ops.moefx)
 
@@ -44,11 +44,13 @@ class EPDispatchMeta:
 
 
 class AllToAllDispatcher:
-    """Dispatch over the ``group`` (the EP ranks); this rank holds experts ``[rank*L, (rank+1)*L)``."""
+    """Dispatch over the ``ep`` ranks of ``mesh``; this rank holds experts ``[j*L, (j+1)*L)``, j its
+    ``ep`` coordinate. The mesh is kept for checkpoints (the experts as shards of a DTensor)."""
 
-    def __init__(self, group: dist.ProcessGroup, num_experts: int) -> None:
-        self.group_name = group.group_name
-        self.ep_size = dist.get_world_size(group)
+    def __init__(self, mesh: DeviceMesh, num_experts: int) -> None:
+        self.mesh = mesh
+        self.group_name = mesh["ep"].get_group().group_name
+        self.ep_size = mesh["ep"].size()
         self.local_experts = num_experts // self.ep_size
 
     def dispatch(

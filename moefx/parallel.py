@@ -70,7 +70,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, data_parallel: bool = Tru
     for _, layer in layers:
         if ep_size > 1:
             _keep_local_experts(layer, ep_rank, ep_size)
-            layer.dispatcher = AllToAllDispatcher(ep_mesh.get_group(), layer.config.num_experts)
+            layer.dispatcher = AllToAllDispatcher(mesh, layer.config.num_experts)
         for name in EXPERT_PARAMETERS:
             param = getattr(layer.experts, name)
             if param is not None and param.requires_grad:

@@ -49,3 +49,28 @@ def test_five_training_steps_with_ep2_match_ep1():
     assert len(ep2) == len(ep1) == 5
     assert ep2 == pytest.approx(ep1, rel=1e-5)
     assert len(set(ep2)) > 1, "the loss should change as the model trains"
+
+
+def test_checkpoint_saved_at_4_ranks_loads_at_2_and_at_1(tmp_path):
+    worker = ROOT / "tests" / "distributed" / "worker.py"
+    out = torchrun(4, worker, f"checkpoint_save:{tmp_path}")
+    assert out.count(f"checkpoint_save:{tmp_path} ok") == 4
+    files = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
+    assert "moefx.json" in files and all(f.endswith((".safetensors", ".json")) for f in files), files
+    out = torchrun(2, worker, f"checkpoint_load:{tmp_path}")
+    assert out.count(f"checkpoint_load:{tmp_path} ok") == 2
+
+    import torch
+
+    import moefx
+    from tests.distributed.worker import FIXED_X, _dense_model
+
+    single = moefx.moefy(_dense_model(seed=0), num_experts=4, top_k=2, example_inputs=(FIXED_X,))
+    loaded = moefx.load(tmp_path / "checkpoint", _dense_model(seed=3))  # re-converted, then filled in
+    reference = torch.load(tmp_path / "reference.pt", weights_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(FIXED_X), reference, rtol=1e-6, atol=1e-6)
+    manifest = moefx.artifact.read_manifest(tmp_path / "checkpoint")
+    counts = moefx.model.parameter_counts(single)
+    assert manifest["parameters"] == {"total": counts.total, "active_per_token": counts.active_per_token,
+                                      "per_expert": counts.expert}

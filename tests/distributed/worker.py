@@ -129,7 +129,44 @@ def export_shows_the_exchange() -> None:
     torch.testing.assert_close(program.module()(x), layer(x))
 
 
-SCENARIOS = {"equivalence": equivalence, "errors": errors, "export": export_shows_the_exchange}
+def _dense_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    ffn = torch.nn.Sequential(torch.nn.Linear(D, H), torch.nn.GELU(), torch.nn.Linear(H, D))
+    return torch.nn.Sequential(torch.nn.Linear(D, D), ffn, torch.nn.LayerNorm(D))
+
+
+FIXED_X = torch.randn(20, D, generator=torch.Generator().manual_seed(7))
+
+
+def converted_model(seed: int, ep_size: int) -> torch.nn.Module:
+    """The checkpoint scenarios' model: a dense block, its FFN upcycled to 4 experts, parallelised."""
+    model = moefx.moefy(_dense_model(seed), num_experts=4, top_k=2, example_inputs=(FIXED_X,))
+    if ep_size > 1:
+        moefx.parallelize(model, moefx.expert_parallel_mesh(ep_size=ep_size), data_parallel=False)
+    return model
+
+
+def checkpoint_save(directory: str) -> None:
+    """Save at EP = world size; rank 0 also writes the outputs the loads must reproduce."""
+    model = converted_model(seed=0, ep_size=dist.get_world_size())
+    with torch.no_grad():
+        reference = model(FIXED_X)
+    moefx.save(model, f"{directory}/checkpoint")
+    if dist.get_rank() == 0:
+        torch.save(reference, f"{directory}/reference.pt")
+
+
+def checkpoint_load(directory: str) -> None:
+    """Load at EP = world size, into a model with other weights: the saved outputs come back."""
+    model = converted_model(seed=1, ep_size=dist.get_world_size())
+    moefx.load(f"{directory}/checkpoint", model)
+    reference = torch.load(f"{directory}/reference.pt", weights_only=True)
+    with torch.no_grad():
+        _close("output after loading the checkpoint", model(FIXED_X), reference)
+
+
+SCENARIOS = {"equivalence": equivalence, "errors": errors, "export": export_shows_the_exchange,
+             "checkpoint_save": checkpoint_save, "checkpoint_load": checkpoint_load}
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")

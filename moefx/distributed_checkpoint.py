@@ -1,0 +1,105 @@
+"""Saving and loading a model across ranks with ``torch.distributed.checkpoint`` (DCP).
+
+``moefx.save`` on more than one rank comes here: every rank calls it, each writes the shards
+it holds (an expert-parallel layer's experts as ``Shard(0)`` of a DTensor over the ``(dp, ep)``
+mesh; replicated tensors are written once), and DCP's Hugging Face writer consolidates them into
+safetensors files with an index, so the directory holds whole tensors:
+
+    out/
+      moefx.json                         as for a single-process save
+      model-00001-of-0000N.safetensors   full tensors, safetensors only (no pickle anywhere)
+      model.safetensors.index.json       tensor name → file
+
+``moefx.load`` into an expert-parallel model reads only this rank's slices, whatever EP size the
+checkpoint was saved at (DCP reshards); a single process reads the files whole. The directory is
+written atomically by rank 0 (a temporary directory, renamed at the end), so a save that dies
+midway leaves the previous checkpoint as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from moefx.atomic import atomic_directory, refuse_existing
+from moefx.expert_parallel import AllToAllDispatcher
+from moefx.model import moe_layers
+
+MANIFEST = "moefx.json"
+
+
+def save_distributed(model: nn.Module, out_dir: str | Path, tensors: dict[str, Tensor], manifest: dict, force: bool) -> Path:
+    """Every rank calls this; returns when the checkpoint is complete on disk, or raises on every rank."""
+    target = Path(out_dir).absolute()
+    state = _as_global(model, tensors)
+    if dist.get_rank() != 0:
+        tmp = _receive()
+        dcp.save(state, storage_writer=dcp.HuggingFaceStorageWriter(tmp, save_distributed=True, enable_consolidation=True))
+        _receive()  # rank 0's rename went through (or its error is raised here too)
+        return target
+    try:
+        refuse_existing(target, force)
+    except FileExistsError as err:
+        _send(err)
+        raise
+    try:
+        with atomic_directory(target, force=force) as tmp:
+            _send(str(tmp))
+            writer = dcp.HuggingFaceStorageWriter(str(tmp), save_distributed=True, enable_consolidation=True)
+            dcp.save(state, storage_writer=writer)
+            shutil.rmtree(tmp / "sharded", ignore_errors=True)  # consolidated: the per-rank files are copies
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    except BaseException as err:
+        _send(RuntimeError(f"rank 0 could not finish the checkpoint {target}: {err}"))
+        raise
+    _send("done")
+    return target
+
+
+def load_distributed(model: nn.Module, out_dir: str | Path, tensors: dict[str, Tensor]) -> None:
+    """Fill ``tensors`` (the model's own, by name) in place with this rank's part of the checkpoint."""
+    dcp.load(_as_global(model, tensors), storage_reader=dcp.HuggingFaceStorageReader(str(out_dir)))
+
+
+def is_expert_parallel(model: nn.Module) -> bool:
+    return any(isinstance(layer.dispatcher, AllToAllDispatcher) for _, layer in moe_layers(model))
+
+
+def _as_global(model: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Expert shards as DTensors over their mesh (sharing this rank's storage); the rest as is."""
+    meshes = {}
+    for _, layer in moe_layers(model):
+        if isinstance(layer.dispatcher, AllToAllDispatcher):
+            for param in layer.experts.parameters(recurse=False):
+                meshes[id(param)] = layer.dispatcher.mesh
+    named = dict([*model.named_parameters(), *model.named_buffers()])
+    state = {}
+    for name, tensor in tensors.items():
+        mesh = meshes.get(id(named.get(name)))
+        if mesh is None:
+            state[name] = tensor
+            continue
+        placements = [Shard(0) if dim == "ep" else Replicate() for dim in mesh.mesh_dim_names]  # dp: same experts
+        global_shape = (tensor.shape[0] * mesh["ep"].size(), *tensor.shape[1:])
+        state[name] = DTensor.from_local(tensor, mesh, placements, run_check=False, shape=torch.Size(global_shape),
+                                         stride=torch.empty(global_shape, device="meta").stride())
+    return state
+
+
+def _send(value) -> None:
+    dist.broadcast_object_list([value], src=0)
+
+
+def _receive():
+    box = [None]
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
