@@ -50,7 +50,7 @@ def main() -> None:
     moefx.moefy(model, num_experts=args.experts, top_k=args.top_k, example_inputs=(sample,))
     mesh = moefx.expert_parallel_mesh(ep_size=args.ep_size or world)
     model = moefx.parallelize(model, mesh)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # plain SGD: a wrong gradient scale would show
 
     data = torch.Generator().manual_seed(1 + rank)  # each rank its own batches
     for step in range(args.steps):
@@ -62,7 +62,11 @@ def main() -> None:
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         if rank == 0:
-            print(f"step {step}: loss {mean.item() / world:.6f}", flush=True)
+            print(f"step {step}: loss {mean.item() / world:.8f}", flush=True)
+    # Free the DDP wrapper and the expert groups' users before the groups themselves, on every
+    # rank at the same point: tearing gloo down in a different order per rank can hang at exit.
+    del model, optimizer
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -107,6 +107,15 @@ def errors() -> None:
                 raise AssertionError(f"rank {rank}, {name}: unexpected message {err}") from err
         else:
             raise AssertionError(f"rank {rank}, {name}: no error")
+    from torch.distributed.device_mesh import DeviceMesh
+
+    part = DeviceMesh("cpu", torch.arange(world // 2), mesh_dim_names=("ep",), _init_backend=False)
+    try:
+        moefx.parallelize(moefx.MoE(d_model=D, d_hidden=H, num_experts=4, top_k=1), part, data_parallel=False)
+    except ValueError as err:
+        assert f"the mesh has {world // 2} ranks but the world has {world}" in str(err), err
+    else:
+        raise AssertionError("a mesh smaller than the world was accepted")
     try:
         moefx.expert_parallel_mesh(ep_size=world + 1)
     except ValueError as err:
