@@ -55,12 +55,16 @@ def save_distributed(model: nn.Module, out_dir: str | Path, tensors: dict[str, T
             writer = dcp.HuggingFaceStorageWriter(str(tmp), save_distributed=True, enable_consolidation=True)
             dcp.save(state, storage_writer=writer)
             shutil.rmtree(tmp / "sharded", ignore_errors=True)  # consolidated: the per-rank files are copies
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            _write_manifest(tmp, manifest)
     except BaseException as err:
         _send(RuntimeError(f"rank 0 could not finish the checkpoint {target}: {err}"))
         raise
     _send("done")
     return target
+
+
+def _write_manifest(directory: Path, manifest: dict) -> None:
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def load_distributed(model: nn.Module, out_dir: str | Path, tensors: dict[str, Tensor]) -> None:

@@ -46,6 +46,9 @@ def expert_parallel_mesh(ep_size: int, dp_size: int | None = None, device_type: 
 def parallelize(model: nn.Module, mesh: DeviceMesh, *, data_parallel: bool = True) -> nn.Module:
     """Shard ``model``'s experts over ``mesh["ep"]`` in place; returns the model, in DDP when
     ``data_parallel`` and there is more than one rank. Every rank must call it."""
+    if not dist.is_initialized():
+        raise RuntimeError("moefx.parallelize needs torch.distributed: launch with torchrun and call "
+                           "torch.distributed.init_process_group() first")
     names = mesh.mesh_dim_names or ()
     if "ep" not in names:
         raise ValueError(f"the mesh needs a dimension named 'ep' (it has {names}); build it with moefx.expert_parallel_mesh")

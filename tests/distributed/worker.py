@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -174,8 +175,34 @@ def checkpoint_load(directory: str) -> None:
         _close("output after loading the checkpoint", model(FIXED_X), reference)
 
 
+def checkpoint_dies(directory: str) -> None:
+    """A save that fails after the shards are written (rank 0 cannot finish) raises on every rank
+    and leaves the previous checkpoint as it was, with no temporary directory behind."""
+    import moefx.distributed_checkpoint as checkpoint
+
+    model = converted_model(seed=2, ep_size=dist.get_world_size())
+    if dist.get_rank() == 0:  # the shards are written; the manifest is not
+        def no_manifest(*args, **kwargs):
+            raise OSError("disk full")
+        checkpoint._write_manifest, real_write = no_manifest, checkpoint._write_manifest
+    try:
+        moefx.save(model, f"{directory}/checkpoint", force=True)
+    except (OSError, RuntimeError) as err:
+        assert "disk full" in str(err), err
+    else:
+        raise AssertionError("the failed save did not raise")
+    finally:
+        if dist.get_rank() == 0:
+            checkpoint._write_manifest = real_write
+    dist.barrier()
+    leftovers = [p.name for p in Path(directory).iterdir() if p.name.startswith(".")]
+    assert not leftovers, f"temporary directories left: {leftovers}"
+    checkpoint_load(directory)  # the previous checkpoint, whole
+
+
 SCENARIOS = {"equivalence": equivalence, "errors": errors, "export": export_shows_the_exchange,
-             "checkpoint_save": checkpoint_save, "checkpoint_load": checkpoint_load}
+             "checkpoint_save": checkpoint_save, "checkpoint_load": checkpoint_load,
+             "checkpoint_dies": checkpoint_dies}
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")
