@@ -7,3 +7,6 @@ through ``torch.ops.moefx``: route, permute, grouped_linear, unpermute, all_to_a
 """
 
 from moefx.kernels import all_to_all, grouped_linear, permute, route, unpermute  # noqa: F401  (registers the ops)
+from moefx.kernels import cuda_kernels
+
+cuda_kernels.register()

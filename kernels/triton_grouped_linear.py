@@ -1,0 +1,194 @@
+"""Triton kernels for ``moefx::grouped_linear`` and its backward, over variable-size expert segments.
+
+Legend: S rows, I in features, O out features, E experts, BM/BN/BK tile sizes.
+
+No device-to-host sync: the launch grid is an upper bound known from shapes alone (every
+expert's last row tile may be partial, so at most ``cdiv(S, BM) + E`` row tiles), and each
+program finds its expert and tile from the offsets on the device; programs past the real tiles
+return at once.
+
+- ``segment_matmul``: ``out[r] = a[r] @ B_e (+ bias[e])`` for the rows r of expert e, where B_e
+  is read through strides, so the forward (``B_e = W[e]^T``) and dX (``B_e = W[e]``) are one kernel.
+  Rows past ``offsets[E]`` are written as zeros.
+- ``segment_outer``: ``dW[e] = dY_e^T @ X_e`` (and ``db[e] = sum dY_e``), one program per
+  (expert, tile of dW): a loop over the expert's rows, so the reduction order is fixed
+  (deterministic, no atomics).
+
+The in-features loop bound is a ``constexpr`` (one compile per feature size, and Triton can
+pipeline the loop); the row loop of ``segment_outer`` depends on the offsets, so it is a
+``while`` loop, which Triton does not pipeline: a place to tune on a GPU.
+
+Accumulation is fp32 whatever the input dtype. Tile sizes are chosen per shape by
+``matmul_config``/``outer_config`` (named functions, so tuning stays in one place); the CUDA
+registration lives in ``moefx.kernels.triton_registration``. The kernels also run on CPU tensors
+under ``TRITON_INTERPRET=1``, which is how CI tests them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    BM: int
+    BN: int
+    BK: int
+    num_warps: int = 4
+
+
+def matmul_config(rows: int, out_features: int, in_features: int) -> TileConfig:
+    """Tiles for ``segment_matmul``: small row tiles waste less on partial tiles at expert edges."""
+    if out_features >= 128 and in_features >= 64 and rows >= 1024:
+        return TileConfig(64, 128, 64, 8)
+    return TileConfig(32, 64, 32, 4)
+
+
+def outer_config(rows: int, out_features: int, in_features: int) -> TileConfig:
+    if out_features >= 128 and in_features >= 128:
+        return TileConfig(64, 128, 64, 8)  # BM, BN tile dW; BK is the row chunk
+    return TileConfig(32, 32, 32, 4)
+
+
+@triton.jit
+def _segment_matmul_kernel(
+    a_ptr, b_ptr, bias_ptr, out_ptr, offsets_ptr,
+    S, N, E, K: tl.constexpr,
+    stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BE: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    experts = tl.arange(0, BE)
+    starts = tl.load(offsets_ptr + experts, mask=experts < E, other=0)
+    ends = tl.load(offsets_ptr + experts + 1, mask=experts < E, other=0)
+    tiles = tl.where(experts < E, (ends - starts + BM - 1) // BM, 0)
+    first_tile = tl.cumsum(tiles, 0) - tiles
+    real_tiles = tl.sum(tiles, 0)
+    cols = pid_n * BN + tl.arange(0, BN)
+    if tile < real_tiles:
+        # The expert whose tiles contain this one: the last with first_tile <= tile and tiles > 0.
+        e = tl.max(tl.where((first_tile <= tile) & (tiles > 0), experts, -1), 0)
+        start = tl.sum(tl.where(experts == e, starts, 0), 0)
+        end = tl.sum(tl.where(experts == e, ends, 0), 0)
+        e_first = tl.sum(tl.where(experts == e, first_tile, 0), 0)
+        rows = start + (tile - e_first) * BM + tl.arange(0, BM)
+        row_ok = rows < end
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)
+            a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
+                        mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
+            b = tl.load(b_ptr + e * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
+                        mask=(ks[:, None] < K) & (cols[None, :] < N), other=0.0)
+            if IEEE:  # fp32 in, fp32 math (torch's default); otherwise TF32 on recent GPUs
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + e * N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (cols[None, :] < N))
+    else:
+        # Spare programs zero the dropped rows [offsets[E], S), one row tile each.
+        kept = tl.load(offsets_ptr + E)
+        rows = kept + (tile - real_tiles) * BM + tl.arange(0, BM)
+        zeros = tl.zeros((BM, BN), dtype=out_ptr.dtype.element_ty)
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, zeros,
+                 mask=(rows[:, None] < S) & (cols[None, :] < N))
+
+
+def segment_matmul(a_SK: Tensor, b_EKN: Tensor, bias_EN: Tensor | None, offsets_E1: Tensor) -> Tensor:
+    """``out[r] = a[r] @ b[e] (+ bias[e])`` per expert segment; ``b`` may be any strided view."""
+    S, K = a_SK.shape
+    E, _, N = b_EKN.shape
+    out = a_SK.new_empty((S, N))
+    config = matmul_config(S, N, K)
+    # Real tiles: at most cdiv(S, BM) + E; dropped-row tiles: at most cdiv(S, BM). One grid covers both.
+    grid = (2 * triton.cdiv(S, config.BM) + E, triton.cdiv(N, config.BN))
+    _segment_matmul_kernel[grid](
+        a_SK, b_EKN, bias_EN.contiguous() if bias_EN is not None else a_SK, out, offsets_E1,
+        S, N, E, K,
+        a_SK.stride(0), a_SK.stride(1), b_EKN.stride(0), b_EKN.stride(1), b_EKN.stride(2), out.stride(0), out.stride(1),
+        HAS_BIAS=bias_EN is not None, IEEE=a_SK.dtype == torch.float32, BM=config.BM, BN=config.BN, BK=config.BK, BE=triton.next_power_of_2(E),
+        num_warps=config.num_warps,
+    )
+    return out
+
+
+@triton.jit
+def _segment_outer_kernel(
+    dy_ptr, x_ptr, offsets_ptr, dw_ptr, db_ptr,
+    O, I,
+    stride_dym, stride_dyo, stride_xm, stride_xi, stride_dwe, stride_dwo, stride_dwi,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    e = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    pid_i = tl.program_id(2)
+    start = tl.load(offsets_ptr + e)
+    end = tl.load(offsets_ptr + e + 1)
+    outs = pid_o * BM + tl.arange(0, BM)
+    ins = pid_i * BN + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    bias_acc = tl.zeros((BM,), dtype=tl.float32)
+    r0 = start
+    while r0 < end:  # data-dependent bounds: a while loop (the interpreter cannot range() over them)
+        rows = r0 + tl.arange(0, BK)
+        row_ok = rows < end
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + outs[None, :] * stride_dyo,
+                     mask=row_ok[:, None] & (outs[None, :] < O), other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + ins[None, :] * stride_xi,
+                    mask=row_ok[:, None] & (ins[None, :] < I), other=0.0)
+        if IEEE:
+            acc = tl.dot(tl.trans(dy), x, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(tl.trans(dy), x, acc)
+        if HAS_BIAS:
+            bias_acc += tl.sum(dy.to(tl.float32), 0)
+        r0 += BK
+    tl.store(dw_ptr + e * stride_dwe + outs[:, None] * stride_dwo + ins[None, :] * stride_dwi,
+             acc.to(dw_ptr.dtype.element_ty), mask=(outs[:, None] < O) & (ins[None, :] < I))
+    if HAS_BIAS:
+        if pid_i == 0:
+            tl.store(db_ptr + e * O + outs, bias_acc.to(db_ptr.dtype.element_ty), mask=outs < O)
+
+
+def segment_outer(dy_SO: Tensor, x_SI: Tensor, offsets_E1: Tensor, num_experts: int, with_bias: bool) -> tuple[Tensor, Tensor | None]:
+    """``(dW [E, O, I], db [E, O] or None)``: per expert, its rows' ``dy^T @ x`` and ``sum dy``."""
+    S, O = dy_SO.shape
+    I = x_SI.shape[1]
+    dw = x_SI.new_empty((num_experts, O, I))
+    db = x_SI.new_empty((num_experts, O)) if with_bias else None
+    config = outer_config(S, O, I)
+    grid = (num_experts, triton.cdiv(O, config.BM), triton.cdiv(I, config.BN))
+    _segment_outer_kernel[grid](
+        dy_SO, x_SI, offsets_E1, dw, db if db is not None else dw,
+        O, I,
+        dy_SO.stride(0), dy_SO.stride(1), x_SI.stride(0), x_SI.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
+        HAS_BIAS=with_bias, IEEE=x_SI.dtype == torch.float32, BM=config.BM, BN=config.BN, BK=config.BK, num_warps=config.num_warps,
+    )
+    return dw, db
+
+
+def grouped_linear_forward(x_SI: Tensor, weight_EOI: Tensor, bias_EO: Tensor | None, offsets_E1: Tensor) -> Tensor:
+    return segment_matmul(x_SI, weight_EOI.transpose(1, 2), bias_EO, offsets_E1)
+
+
+def grouped_linear_backward(
+    grad_y_SO: Tensor, x_SI: Tensor, weight_EOI: Tensor, offsets_E1: Tensor, need_x: bool, need_weight: bool, need_bias: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Same contract as the op ``moefx::grouped_linear_backward``: unneeded gradients are empty."""
+    grad_x = segment_matmul(grad_y_SO, weight_EOI, None, offsets_E1) if need_x else x_SI.new_empty(0)
+    grad_w, grad_b = weight_EOI.new_empty(0), weight_EOI.new_empty(0)
+    if need_weight or need_bias:
+        dw, db = segment_outer(grad_y_SO, x_SI, offsets_E1, weight_EOI.shape[0], need_bias)
+        grad_w = dw if need_weight else grad_w
+        grad_b = db if need_bias else grad_b
+    return grad_x, grad_w, grad_b
