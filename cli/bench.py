@@ -55,7 +55,11 @@ class Shape:
 SHAPES = {
     "S1": Shape("S1", tokens=4096, d=512, h=1024, experts=8, top_k=2),
     "S2": Shape("S2", tokens=4096, d=512, h=128, experts=64, top_k=8),  # fine-grained experts
+    # The GPU issue's shapes (bf16 on a GPU; far too slow for a 2-core CPU).
+    "mixtral": Shape("mixtral", tokens=16384, d=4096, h=14336, experts=8, top_k=2),
+    "deepseek": Shape("deepseek", tokens=16384, d=7168, h=2048, experts=64, top_k=8),
 }
+DEFAULT_SHAPES = ("S1", "S2")
 IMPLS = ("moefx", "hf_eager", "hf_grouped_mm", "dense")
 HF_IMPLS = ("hf_eager", "hf_grouped_mm")
 # The layer's targets on CPU: dense/moefx at least this, and moefx faster than every transformers impl.
@@ -70,7 +74,8 @@ class SkipImpl(Exception):
 class Result:
     shape: str
     impl: str
-    times_ms: list[float] = field(default_factory=list)
+    times_ms: list[float] = field(default_factory=list)  # forward + backward
+    forward_ms: list[float] = field(default_factory=list)
     peak_mib: list[float] = field(default_factory=list)
     skipped: str | None = None
     note: str = ""
@@ -78,6 +83,10 @@ class Result:
     @property
     def median_ms(self) -> float | None:
         return statistics.median(self.times_ms) if self.times_ms else None
+
+    @property
+    def median_forward_ms(self) -> float | None:
+        return statistics.median(self.forward_ms) if self.forward_ms else None
 
     @property
     def median_peak_mib(self) -> float | None:
@@ -184,15 +193,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step(fn: Callable[[Tensor], Tensor], params: list[nn.Parameter], x: Tensor, grad: Tensor) -> None:
+def step(fn: Callable[[Tensor], Tensor], params: list[nn.Parameter], x: Tensor, grad: Tensor, device=None) -> float:
+    """One forward + backward; returns the forward's seconds (synchronised when ``device`` is given)."""
     for p in params:
         p.grad = None
     x.grad = None
-    fn(x).backward(grad)
+    start = time.perf_counter()
+    out = fn(x)
+    if device is not None:
+        sync(device)
+    forward = time.perf_counter() - start
+    out.backward(grad)
+    return forward
 
 
-def timed_step(fn, params, x, grad, device) -> tuple[float, float | None]:
-    """Milliseconds of one step and, on CUDA, its peak MiB above what was allocated before it."""
+def timed_step(fn, params, x, grad, device) -> tuple[float, float, float | None]:
+    """Milliseconds of one step and of its forward and, on CUDA, the step's peak MiB above what
+    was allocated before it."""
     peak = None
     if device.type == "cuda":
         # Every impl's weights stay resident, so the step's own peak is measured above the baseline.
@@ -201,12 +218,12 @@ def timed_step(fn, params, x, grad, device) -> tuple[float, float | None]:
         baseline = torch.cuda.memory_allocated(device)
     sync(device)
     start = time.perf_counter()
-    step(fn, params, x, grad)
+    forward = step(fn, params, x, grad, device)
     sync(device)
     ms = (time.perf_counter() - start) * 1e3
     if device.type == "cuda":
         peak = (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
-    return ms, peak
+    return ms, forward * 1e3, peak
 
 
 def bench_shape(shape: Shape, names: list[str], args, device: torch.device, dtype: torch.dtype) -> list[Result]:
@@ -233,8 +250,9 @@ def bench_shape(shape: Shape, names: list[str], args, device: torch.device, dtyp
 
     for _ in range(args.repeats):
         for name, (fn, params) in runners.items():
-            ms, peak = timed_step(fn, params, x, grad, device)
+            ms, forward_ms, peak = timed_step(fn, params, x, grad, device)
             results[name].times_ms.append(ms)
+            results[name].forward_ms.append(forward_ms)
             if peak is not None:
                 results[name].peak_mib.append(peak)
 
@@ -255,15 +273,18 @@ def fmt(value: float | None, spec: str) -> str:
 
 def print_table(results: list[Result], device: torch.device) -> None:
     cuda = device.type == "cuda"
-    header = f"{'shape':<8}{'impl':<15}{'median ms':>11}{'dense/impl':>12}" + (f"{'peak MiB':>11}" if cuda else "")
+    header = (f"{'shape':<9}{'impl':<15}{'fwd ms':>9}{'bwd ms':>9}{'fwd+bwd':>10}{'dense/impl':>12}"
+              + (f"{'peak MiB':>11}" if cuda else ""))
     print(header + "  note")
     print("-" * (len(header) + 30))
     for r in results:
         if r.skipped:
-            print(f"{r.shape:<8}{r.impl:<15}  skipped: {r.skipped}")
+            print(f"{r.shape:<9}{r.impl:<15}  skipped: {r.skipped}")
             continue
         dense = next((d.median_ms for d in results if d.shape == r.shape and d.impl == "dense"), None)
-        row = f"{r.shape:<8}{r.impl:<15}{fmt(r.median_ms, '.1f'):>11}{fmt(ratio(dense, r.median_ms), '.3f'):>12}"
+        backward = statistics.median(t - f for t, f in zip(r.times_ms, r.forward_ms))
+        row = (f"{r.shape:<9}{r.impl:<15}{fmt(r.median_forward_ms, '.1f'):>9}{fmt(backward, '.1f'):>9}"
+               f"{fmt(r.median_ms, '.1f'):>10}{fmt(ratio(dense, r.median_ms), '.3f'):>12}")
         if cuda:
             row += f"{fmt(r.median_peak_mib, '.0f'):>11}"
         print(row + (f"  {r.note}" if r.note else ""))
@@ -321,7 +342,8 @@ def write_json(path: str, results: list[Result], shapes: list[Shape], args, devi
 def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     shapes_help = "; ".join(f"{s.name}: {s.describe()}" for s in SHAPES.values())
-    p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES), help=shapes_help)
+    p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(DEFAULT_SHAPES),
+                   help=f"default: {' '.join(DEFAULT_SHAPES)}. " + shapes_help)
     custom = p.add_argument_group("custom shape (any of these runs one shape 'custom'; the rest default to S1)")
     custom.add_argument("--tokens", type=int)
     custom.add_argument("--d", type=int)
