@@ -31,3 +31,17 @@ def check_model_file(path: str) -> Path:
     if not file.is_file():
         raise CLIError(f"model file {path} not found: pass the path of a Python file that defines build_model()", code=2)
     return file
+
+
+def options_from_args(args: argparse.Namespace) -> dict:
+    """moefy's options from the command's, checked before any work (a bad combination, such as
+    ``--gate switch`` with ``--top-k 2``, is a usage error)."""
+    from moefx.passes.driver import conversion_options
+
+    try:
+        return conversion_options(
+            num_experts=args.experts, top_k=args.top_k, init=args.init, gate=args.gate,
+            capacity_factor=args.capacity_factor, include=args.include, exclude=args.exclude, every=args.every,
+        )
+    except ValueError as err:
+        raise CLIError(str(err), code=2) from err

@@ -12,13 +12,14 @@ import torch
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from moefx.artifact import manifest_for, save
+from moefx.distributed_checkpoint import MANIFEST
 from moefx.atomic import refuse_existing
-from moefx.cli.checks import CLIError, check_conversion_options, check_model_file
+from moefx.cli.checks import CLIError, check_conversion_options, check_model_file, options_from_args
 from moefx.cli.views import make_console, summary_table
 from moefx.model import parameter_counts
 from moefx.model_file import ModelFile, ModelFileError, load_model_file
 from moefx.passes.capture import CaptureError
-from moefx.passes.driver import NoFFNFound, conversion_options, convert_found, search
+from moefx.passes.driver import NoFFNFound, convert_found, search
 from moefx.passes.plan import plan
 from moefx.passes.rewrite import RewriteError
 
@@ -32,10 +33,10 @@ def run_convert(args: argparse.Namespace) -> int:
     out = Path(args.out or f"{file.stem}-moefx")
     if not args.dry_run:
         try:
-            refuse_existing(out.absolute(), args.force)
+            refuse_existing(out.absolute(), args.force, marker=MANIFEST)
         except FileExistsError as err:
             raise CLIError(str(err), code=2) from None
-    options = _options(args)
+    options = options_from_args(args)
     with _progress(enabled=not args.json) as stage:
         stage("load")
         built = _load(file, args.entry)
@@ -77,16 +78,6 @@ def run_convert(args: argparse.Namespace) -> int:
     ]
     make_console().print(summary_table("moefx convert", rows))
     return 0
-
-
-def _options(args: argparse.Namespace) -> dict:
-    try:
-        return conversion_options(
-            num_experts=args.experts, top_k=args.top_k, init=args.init, gate=args.gate,
-            capacity_factor=args.capacity_factor, include=args.include, exclude=args.exclude, every=args.every,
-        )
-    except ValueError as err:
-        raise CLIError(str(err), code=2) from err
 
 
 def _load(file: Path, entry: str | None) -> ModelFile:

@@ -1,5 +1,6 @@
 """``moefx inspect MODEL_PY | OUT_DIR``: the module tree with every FFN candidate marked, and the
-graph of one MoE layer with shapes (or all of it as JSON)."""
+graph of one MoE layer with shapes (or all of it as JSON). Inspecting an output directory loads
+it with ``moefx.load``, which imports the model file it records: that runs the file's code."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from moefx.artifact import ArtifactError, load
-from moefx.cli.checks import CLIError, check_conversion_options
+from moefx.cli.checks import CLIError, check_conversion_options, options_from_args
 from moefx.cli.layer_graph import layer_graph
 from moefx.cli.views import candidates, graph_table, make_console, module_tree
 from moefx.model import moe_layers
 from moefx.model_file import ModelFileError, load_model_file
 from moefx.passes.capture import CaptureError
-from moefx.passes.driver import conversion_options, convert_found, search
+from moefx.passes.driver import convert_found, search
 from moefx.passes.rewrite import RewriteError
 from moefx.record import Conversion, add_conversion, conversions
 
@@ -26,7 +27,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         model, source = _from_output(target), str(target.absolute())
     elif target.is_file():
         check_conversion_options(args)
-        model, source = _from_model_file(target, args), str(target.absolute())
+        options = options_from_args(args)
+        model, source = _from_model_file(target, args, options), str(target.absolute())
     else:
         raise CLIError(f"{args.target} is neither a model file nor a moefx output directory", code=2)
     found = candidates(conversions(model))
@@ -58,7 +60,7 @@ def _from_output(out_dir: Path):
         raise CLIError(f"cannot load {out_dir}: {err}") from err
 
 
-def _from_model_file(file: Path, args: argparse.Namespace):
+def _from_model_file(file: Path, args: argparse.Namespace, options: dict):
     """The model converted in memory with the command's options (nothing is written)."""
     try:
         built = load_model_file(file, args.entry)
@@ -67,10 +69,6 @@ def _from_model_file(file: Path, args: argparse.Namespace):
         if not found.matches:  # nothing converts; still show what was rejected
             add_conversion(model, Conversion({}, (), rejected=tuple((r.path, r.reason) for r in found.rejected)))
             return model
-        options = conversion_options(
-            num_experts=args.experts, top_k=args.top_k, init=args.init, gate=args.gate,
-            capacity_factor=args.capacity_factor, include=args.include, exclude=args.exclude, every=args.every,
-        )
         convert_found(model, found, options, example_inputs=built.example_args, example_kwargs=built.example_kwargs)
     except (ModelFileError, CaptureError, RewriteError, ValueError) as err:
         raise CLIError(str(err)) from err

@@ -14,25 +14,21 @@ saved tensors in place. Weights are read only through safetensors, never pickle.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from moefx.atomic import atomic_directory
-from moefx.distributed_checkpoint import is_expert_parallel, load_distributed, save_distributed
+from moefx.distributed_checkpoint import MANIFEST, is_expert_parallel, load_distributed, save_distributed, write_manifest
 from moefx.model import moe_layers, parameter_counts
 from moefx.model_file import load_model_file
 from moefx.record import Conversion, conversions, inputs_from_spec, set_conversions
 
-log = logging.getLogger(__name__)
-
-MANIFEST, WEIGHTS = "moefx.json", "model.safetensors"
+WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"  # weights in several files (a distributed save)
 FORMAT_VERSION = 1
 
@@ -45,16 +41,19 @@ def save(model: nn.Module, out_dir: str | Path, *, force: bool = False, source: 
     """Write ``model`` to ``out_dir`` atomically; returns the directory.
 
     ``source`` (``{"file": ..., "entry": ..., "dtype": ...}``) lets ``load(out_dir)`` rebuild the
-    dense model by itself; without it, ``load`` needs the dense model passed in.
+    dense model by itself; without it, ``load`` needs the dense model passed in. An expert-parallel
+    model is saved by every rank together (``moefx.distributed_checkpoint``: call it on all ranks,
+    with ``out_dir`` on a shared filesystem); any other model is written by the calling process
+    alone (under DDP, call it on one rank). ``force`` replaces only an earlier moefx output.
     """
     model = _unwrap(model)
     tensors = _named_tensors(model)
     manifest = manifest_for(model, source)
-    if dist.is_initialized() and dist.get_world_size() > 1:  # every rank writes its part
+    if is_expert_parallel(model):
         return save_distributed(model, out_dir, tensors, manifest, force)
-    with atomic_directory(out_dir, force=force) as tmp:
+    with atomic_directory(out_dir, force=force, marker=MANIFEST) as tmp:
         save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_manifest(tmp, manifest)
     return Path(out_dir)
 
 
@@ -101,21 +100,24 @@ def load(out_dir: str | Path, model: nn.Module | None = None, *, example_inputs=
     """The converted model saved in ``out_dir``, with its weights.
 
     Given ``model`` (the dense architecture; its weights may be on meta and are replaced), it is
-    converted in place the way the saved one was, and returned. Given none, the model file
+    converted in place the way the saved one was, and returned; a model already converted (or
+    expert-parallel) keeps its parameters, filled in place. Given none, the model file
     recorded by ``moefx convert`` is imported and built: this runs that file's code, so load only
     outputs you trust. ``example_inputs``/``example_kwargs`` replace the recorded input shapes
     when the passes need real ones.
     """
     manifest = read_manifest(out_dir)
-    if model is not None and is_expert_parallel(_unwrap(model)):  # this rank's slices only
-        _load_into_expert_parallel(_unwrap(model), out_dir)
-        return model
+    given, model = model, None if model is None else _unwrap(model)
+    if model is not None and is_expert_parallel(model):  # this rank's slices only
+        _load_into_expert_parallel(model, out_dir)
+        return given
     if model is None:
         source = manifest.get("source") or {}
         if not source.get("file"):
             raise ArtifactError(f"{out_dir} records no model file (it was saved from Python): pass the dense model, moefx.load(dir, model=...)")
         built = load_model_file(source["file"], source.get("entry"))
-        model = built.model
+        model = given = built.model
+        model.to("meta")  # ours to discard: every tensor comes from the file, no second copy meanwhile
         if example_inputs is None and example_kwargs is None:
             example_inputs, example_kwargs = built.example_args, built.example_kwargs
     files = _weight_files(Path(out_dir))
@@ -125,7 +127,6 @@ def load(out_dir: str | Path, model: nn.Module | None = None, *, example_inputs=
             shapes.update((name, tuple(f.get_slice(name).get_shape())) for name in f.keys())
     recorded = tuple(Conversion.from_dict(c) for c in manifest["conversions"])
     if _tensor_shapes(model) != shapes:  # not converted yet (a model that is, is only filled in)
-        model.to("meta")  # every tensor comes from the file: no memory for a second copy meanwhile
         _reapply(model, recorded, example_inputs, example_kwargs)
         _check_fits(model, shapes, out_dir)
     tensors = {}
@@ -133,7 +134,7 @@ def load(out_dir: str | Path, model: nn.Module | None = None, *, example_inputs=
         with safe_open(file, framework="pt") as f:
             tensors.update((name, f.get_tensor(name)) for name in f.keys())
     _assign(model, tensors)
-    return model
+    return given
 
 
 def _weight_files(out_dir: Path) -> list[Path]:
@@ -145,8 +146,18 @@ def _weight_files(out_dir: Path) -> list[Path]:
 
 def _load_into_expert_parallel(model: nn.Module, out_dir) -> None:
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
-        model.to_empty(device="cpu")  # every tensor is about to be read from the checkpoint
+        raise ArtifactError(
+            "the expert-parallel model has weights on the meta device: materialise it (model.to_empty(device=...)) "
+            "before moefx.parallelize, then load"
+        )
     load_distributed(model, out_dir, {name: t.detach() for name, t in _unique_tensors(model)})
+
+
+def _fill_in_place(old: Tensor, value: Tensor) -> bool:
+    if old.is_meta or old.dtype != value.dtype or old.shape != value.shape:
+        return False
+    old.copy_(value)
+    return True
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -212,13 +223,20 @@ def _tensor_shapes(model: nn.Module) -> dict[str, tuple]:
     return {name: tuple(t.shape) for name, t in _unique_tensors(model)}
 
 
+@torch.no_grad()
 def _assign(model: nn.Module, tensors: dict[str, Tensor]) -> None:
-    """Put the tensors in place of the model's, keeping tied and shared ones tied."""
+    """Fill the model's tensors: in place where shape and dtype match (an optimizer or a hook that
+    holds them keeps working), else by replacing them (meta tensors, another dtype), keeping
+    tied and shared ones tied. Tensors land on the device the model's tensor is on."""
     new = {}
     for name, p in model.named_parameters():
-        new[id(p)] = nn.Parameter(tensors[name], requires_grad=p.requires_grad)
+        if _fill_in_place(p, tensors[name]):
+            continue
+        device = "cpu" if p.is_meta else p.device
+        new[id(p)] = nn.Parameter(tensors[name].to(device), requires_grad=p.requires_grad)
     for name, b in model.named_buffers():
-        new[id(b)] = tensors[name]
+        if not _fill_in_place(b, tensors[name]):
+            new[id(b)] = tensors[name].to("cpu" if b.is_meta else b.device)
     for module in model.modules():
         for table in (module._parameters, module._buffers):
             for key, old in table.items():

@@ -15,22 +15,36 @@ from pathlib import Path
 from typing import Iterator
 
 
-def refuse_existing(target: Path, force: bool) -> None:
-    if target.exists() and not force:
+def refuse_existing(target: Path, force: bool, marker: str | None = None) -> None:
+    """Raise unless ``target`` may be written: absent, or ``force`` and replaceable. With a
+    ``marker`` file name, only an empty directory or one holding that file is replaceable, so a
+    mistyped target (``-o .``) is never wiped."""
+    if not (target.exists() or target.is_symlink()):
+        return
+    if not force:
         raise FileExistsError(f"{target} already exists: choose another output directory, or pass --force (force=True) to replace it")
+    if marker is not None and not (target.is_dir() and (not any(target.iterdir()) or (target / marker).is_file())):
+        raise FileExistsError(
+            f"{target} exists and is not an output of this kind (no {marker} in it): refusing to replace it even with "
+            "--force; choose another output directory"
+        )
 
 
 @contextmanager
-def atomic_directory(target: str | Path, *, force: bool = False) -> Iterator[Path]:
-    """Yields an empty temporary directory; when the block ends without error it becomes ``target``."""
+def atomic_directory(target: str | Path, *, force: bool = False, marker: str | None = None) -> Iterator[Path]:
+    """Yields an empty temporary directory; when the block ends without error it becomes ``target``
+    (see ``refuse_existing`` for ``force`` and ``marker``)."""
     target = Path(target).absolute()
-    refuse_existing(target, force)
+    refuse_existing(target, force, marker)
     created = [p for p in reversed(target.parents) if not p.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        _swap_in(tmp, target, force)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output should not be
+        _swap_in(tmp, target, force, marker)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for parent in reversed(created):  # parents this call made, deepest first
@@ -41,8 +55,8 @@ def atomic_directory(target: str | Path, *, force: bool = False) -> Iterator[Pat
         raise
 
 
-def _swap_in(tmp: Path, target: Path, force: bool) -> None:
-    refuse_existing(target, force)  # it may have appeared while we were writing
+def _swap_in(tmp: Path, target: Path, force: bool, marker: str | None) -> None:
+    refuse_existing(target, force, marker)  # it may have appeared while we were writing
     if not target.exists():
         os.rename(tmp, target)
         return
@@ -54,7 +68,11 @@ def _swap_in(tmp: Path, target: Path, force: bool) -> None:
     except BaseException:
         os.rename(backup, target)
         raise
-    if backup.is_dir():
-        shutil.rmtree(backup)
-    else:
-        backup.unlink()
+    # The new output is in place: removing the old one is best effort, never a failed write.
+    try:
+        if backup.is_dir() and not backup.is_symlink():
+            shutil.rmtree(backup)
+        else:
+            backup.unlink()
+    except OSError:
+        pass

@@ -35,35 +35,46 @@ from moefx.model import moe_layers
 MANIFEST = "moefx.json"
 
 
+class CheckpointError(RuntimeError):
+    """A distributed save failed; raised on every rank, and nothing was written."""
+
+
 def save_distributed(model: nn.Module, out_dir: str | Path, tensors: dict[str, Tensor], manifest: dict, force: bool) -> Path:
-    """Every rank calls this; returns when the checkpoint is complete on disk, or raises on every rank."""
+    """Every rank calls this, with ``out_dir`` on a filesystem they all see; returns when the
+    checkpoint is complete on disk, or raises on every rank."""
     target = Path(out_dir).absolute()
     state = _as_global(model, tensors)
     if dist.get_rank() != 0:
         tmp = _receive()
-        dcp.save(state, storage_writer=dcp.HuggingFaceStorageWriter(tmp, save_distributed=True, enable_consolidation=True))
-        _receive()  # rank 0's rename went through (or its error is raised here too)
+        try:
+            dcp.save(state, storage_writer=dcp.HuggingFaceStorageWriter(tmp, save_distributed=True, enable_consolidation=True))
+        finally:
+            _receive()  # rank 0 always sends its outcome once the save is over: wait for it, even after a failure
         return target
     try:
-        refuse_existing(target, force)
+        refuse_existing(target, force, MANIFEST)
     except FileExistsError as err:
         _send(err)
         raise
     try:
-        with atomic_directory(target, force=force) as tmp:
+        with atomic_directory(target, force=force, marker=MANIFEST) as tmp:
             _send(str(tmp))
             writer = dcp.HuggingFaceStorageWriter(str(tmp), save_distributed=True, enable_consolidation=True)
             dcp.save(state, storage_writer=writer)
             shutil.rmtree(tmp / "sharded", ignore_errors=True)  # consolidated: the per-rank files are copies
-            _write_manifest(tmp, manifest)
-    except BaseException as err:
-        _send(RuntimeError(f"rank 0 could not finish the checkpoint {target}: {err}"))
+            write_manifest(tmp, manifest)
+    except KeyboardInterrupt:
+        _send(CheckpointError(f"the checkpoint {target} was interrupted on rank 0; nothing written"))
         raise
+    except BaseException as err:  # DCP's CheckpointException is a BaseException: every rank gets one error type
+        error = CheckpointError(f"the checkpoint {target} could not be written: {err}")
+        _send(error)
+        raise error from err
     _send("done")
     return target
 
 
-def _write_manifest(directory: Path, manifest: dict) -> None:
+def write_manifest(directory: Path, manifest: dict) -> None:
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 

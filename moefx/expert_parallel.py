@@ -31,7 +31,7 @@ import moefx.kernels  # noqa: F401  (registers torch.ops.moefx)
 
 @dataclass(frozen=True)
 class EPDispatchMeta:
-    offsets_E1: Tensor  # local experts' row ranges in the buffer the experts see (L + 1)
+    offsets_E1: Tensor  # the local experts' row ranges in the buffer they see: L + 1 entries (named as the layer reads it)
     permute_offsets_E1: Tensor  # this rank's token copies per global expert, as offsets (E + 1)
     slot_row_S: Tensor  # from the local permute
     row_slot_S: Tensor

@@ -51,7 +51,6 @@ def init_from_template(
     experts, E = moe.experts, moe.config.num_experts
     if strategy == "split" and moe.config.routed_scale != E:
         raise ValueError(f"init='split' needs routed_scale={E} (num_experts), got {moe.config.routed_scale}")
-    H = moe.config.d_hidden
     down_bias = template.down_bias
     if down_bias is None:
         down_bias = template.down_weight.new_zeros(template.d_model)

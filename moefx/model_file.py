@@ -42,14 +42,18 @@ def load_model_file(path: str | Path, entry: str | None = None) -> ModelFile:
     path = Path(path).resolve()
     if not path.is_file():
         raise ModelFileError(f"model file {path} not found; pass the path of a Python file that defines build_model()")
-    module = _import(path)
-    entry, builder = _builder(module, path, entry)
-    model = _call(builder, path, entry) if callable(builder) and not isinstance(builder, nn.Module) else builder
-    if not isinstance(model, nn.Module):
-        raise ModelFileError(f"{path.name}: {entry} gave a {type(model).__name__}, not a torch.nn.Module")
-    args, kwargs = None, None
-    if hasattr(module, "example_inputs"):
-        args, kwargs = _split_inputs(_call(module.example_inputs, path, "example_inputs"), path)
+    sys.path.insert(0, str(path.parent))  # the file, and its builders when they run, may import its neighbours
+    try:
+        module = _import(path)
+        entry, builder = _builder(module, path, entry)
+        model = _call(builder, path, entry) if callable(builder) and not isinstance(builder, nn.Module) else builder
+        if not isinstance(model, nn.Module):
+            raise ModelFileError(f"{path.name}: {entry} gave a {type(model).__name__}, not a torch.nn.Module")
+        args, kwargs = None, None
+        if hasattr(module, "example_inputs"):
+            args, kwargs = _split_inputs(_call(module.example_inputs, path, "example_inputs"), path)
+    finally:
+        sys.path.remove(str(path.parent))
     return ModelFile(path, entry, model, args, kwargs)
 
 
@@ -58,17 +62,14 @@ def _import(path: Path) -> ModuleType:
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses and pickling look the module up by name
-    sys.path.insert(0, str(path.parent))  # the file may import its neighbours
     try:
         spec.loader.exec_module(module)
     except SyntaxError as err:
         del sys.modules[name]
         raise ModelFileError(f"{err.filename}:{err.lineno}: syntax error: {err.msg}; fix the model file") from err
-    except Exception as err:
+    except (Exception, SystemExit) as err:  # SystemExit: e.g. argparse at module level reading our argv
         del sys.modules[name]
         raise ModelFileError(f"{path.name}: running the file failed at {_where(err, path)}: {_what(err)}") from err
-    finally:
-        sys.path.remove(str(path.parent))
     return module
 
 
@@ -93,7 +94,7 @@ def _builder(module: ModuleType, path: Path, entry: str | None):
 def _call(function, path: Path, name: str):
     try:
         return function()
-    except Exception as err:
+    except (Exception, SystemExit) as err:
         raise ModelFileError(f"{path.name}: {name}() failed at {_where(err, path)}: {_what(err)}") from err
 
 

@@ -50,8 +50,11 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, data_parallel: bool = Tru
         raise RuntimeError("moefx.parallelize needs torch.distributed: launch with torchrun and call "
                            "torch.distributed.init_process_group() first")
     names = mesh.mesh_dim_names or ()
-    if "ep" not in names:
-        raise ValueError(f"the mesh needs a dimension named 'ep' (it has {names}); build it with moefx.expert_parallel_mesh")
+    if "ep" not in names or not set(names) <= {"dp", "ep"}:
+        raise ValueError(
+            f"the mesh's dimensions must be 'ep' and optionally 'dp' (it has {names}); build it with "
+            "moefx.expert_parallel_mesh"
+        )
     world = dist.get_world_size()
     if mesh.size() != world:
         raise ValueError(f"the mesh has {mesh.size()} ranks but the world has {world}: it must span every rank")

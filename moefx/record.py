@@ -72,8 +72,8 @@ def input_spec(value) -> dict:
     """A JSON description of an example input: tensors by shape and dtype, containers recursively."""
     if isinstance(value, Tensor):
         return {"tensor": {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}}
-    if isinstance(value, (tuple, list)):
-        return {type(value).__name__: [input_spec(v) for v in value]}
+    if isinstance(value, (tuple, list)):  # a namedtuple is recorded, and comes back, as a tuple
+        return {"list" if isinstance(value, list) else "tuple": [input_spec(v) for v in value]}
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
         return {"dict": {k: input_spec(v) for k, v in value.items()}}
     if value is None or isinstance(value, (bool, int, float, str)):

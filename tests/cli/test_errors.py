@@ -104,3 +104,16 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_no_command_is_a_usage_error(tmp_path):
     result = moefx(cwd=tmp_path)
     assert result.code == 2 and "no command given" in result.err
+
+
+def test_force_never_replaces_a_directory_that_is_not_a_moefx_output(tmp_path):
+    write_model_file(tmp_path, MLP_MODEL)
+    result = moefx("convert", "model.py", "-o", ".", "--force", cwd=tmp_path)
+    assert result.code == 2 and "not an output of this kind (no moefx.json" in result.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.py"]
+
+
+def test_inspect_checks_its_options_before_loading(tmp_path):
+    write_model_file(tmp_path, MLP_MODEL)
+    result = moefx("inspect", "model.py", "--gate", "switch", cwd=tmp_path)
+    assert result.code == 2 and "must be 1 for gate='switch'" in result.err

@@ -60,8 +60,10 @@ def test_checkpoint_saved_at_4_ranks_loads_at_2_and_at_1(tmp_path):
     assert out.count(f"checkpoint_save:{tmp_path} ok") == 4
     files = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
     assert "moefx.json" in files and all(f.endswith((".safetensors", ".json")) for f in files), files
-    out = torchrun(2, worker, f"checkpoint_load:{tmp_path}", f"checkpoint_dies:{tmp_path}")
-    assert out.count(f"checkpoint_load:{tmp_path} ok") == 2 and out.count(f"checkpoint_dies:{tmp_path} ok") == 2
+    specs = [f"checkpoint_load:{tmp_path}", f"checkpoint_dies:{tmp_path}", f"checkpoint_write_fails:{tmp_path}"]
+    out = torchrun(2, worker, *specs, timeout=180)
+    for spec in specs:
+        assert out.count(f"{spec} ok") == 2, out
 
     import torch
 

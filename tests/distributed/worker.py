@@ -184,25 +184,49 @@ def checkpoint_dies(directory: str) -> None:
     if dist.get_rank() == 0:  # the shards are written; the manifest is not
         def no_manifest(*args, **kwargs):
             raise OSError("disk full")
-        checkpoint._write_manifest, real_write = no_manifest, checkpoint._write_manifest
+        checkpoint.write_manifest, real_write = no_manifest, checkpoint.write_manifest
     try:
         moefx.save(model, f"{directory}/checkpoint", force=True)
-    except (OSError, RuntimeError) as err:
+    except RuntimeError as err:  # CheckpointError
         assert "disk full" in str(err), err
     else:
         raise AssertionError("the failed save did not raise")
     finally:
         if dist.get_rank() == 0:
-            checkpoint._write_manifest = real_write
+            checkpoint.write_manifest = real_write
     dist.barrier()
     leftovers = [p.name for p in Path(directory).iterdir() if p.name.startswith(".")]
     assert not leftovers, f"temporary directories left: {leftovers}"
     checkpoint_load(directory)  # the previous checkpoint, whole
 
 
+def checkpoint_write_fails(directory: str) -> None:
+    """A rank whose shard write fails inside DCP: every rank raises (none hangs), the previous
+    checkpoint is kept."""
+    import torch.distributed.checkpoint as dcp
+
+    model = converted_model(seed=2, ep_size=dist.get_world_size())
+    real = dcp.HuggingFaceStorageWriter.write_data
+    if dist.get_rank() == 1:
+        def broken(self, *args, **kwargs):
+            raise OSError("disk full on rank 1")
+        dcp.HuggingFaceStorageWriter.write_data = broken
+    from moefx.distributed_checkpoint import CheckpointError
+
+    try:
+        moefx.save(model, f"{directory}/checkpoint", force=True)
+    except CheckpointError as err:
+        assert "disk full on rank 1" in str(err), err
+    else:
+        raise AssertionError("the failed save did not raise")
+    finally:
+        dcp.HuggingFaceStorageWriter.write_data = real
+    checkpoint_load(directory)
+
+
 SCENARIOS = {"equivalence": equivalence, "errors": errors, "export": export_shows_the_exchange,
              "checkpoint_save": checkpoint_save, "checkpoint_load": checkpoint_load,
-             "checkpoint_dies": checkpoint_dies}
+             "checkpoint_dies": checkpoint_dies, "checkpoint_write_fails": checkpoint_write_fails}
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")

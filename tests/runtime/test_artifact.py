@@ -115,3 +115,17 @@ def test_saving_meta_weights_is_refused_and_writes_nothing(tmp_path):
     with pytest.raises(ArtifactError, match="meta device"):
         moefx.save(model, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_loading_into_a_converted_model_keeps_its_parameters(tmp_path):
+    """An optimizer built before load must update the loaded weights, not orphans."""
+    model = _mlp_model()
+    moefx.moefy(model, num_experts=2, example_inputs=(torch.randn(2, 8),))
+    moefx.save(model, tmp_path / "out")
+    other = _mlp_model()
+    moefx.moefy(other, num_experts=2, example_inputs=(torch.randn(2, 8),), init="random")
+    before = {name: p for name, p in other.named_parameters()}
+    moefx.load(tmp_path / "out", other)
+    for name, p in other.named_parameters():
+        assert p is before[name], name
+        assert torch.equal(p, model.get_parameter(name)), name

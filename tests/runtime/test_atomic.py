@@ -51,3 +51,28 @@ def test_existing_output_needs_force(tmp_path):
         _write(tmp)
     assert {p.name: p.read_text() for p in out.iterdir()} == {"a.txt": "new", "b.txt": "new"}
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_force_replaces_only_an_earlier_output_of_the_same_kind(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "model.py").write_text("precious")
+    with pytest.raises(FileExistsError, match="not an output of this kind"):
+        with atomic_directory(project, force=True, marker="moefx.json"):
+            pass
+    assert (project / "model.py").read_text() == "precious"
+    (project / "moefx.json").write_text("{}")
+    with atomic_directory(project, force=True, marker="moefx.json") as tmp:
+        _write(tmp)
+    assert sorted(p.name for p in project.iterdir()) == ["a.txt", "b.txt"]
+
+
+def test_output_gets_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    with atomic_directory(tmp_path / "out") as tmp:
+        _write(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o777 & ~umask
