@@ -29,4 +29,14 @@ def register() -> bool:
 
         return grouped_linear_backward(grad_y_SO, x_SI, weight_EOI, offsets_E1, need_x, need_weight, need_bias)
 
+    @torch.library.register_kernel("moefx::route", "cuda")
+    def _route_cuda(logits_TE, top_k, renormalize, softmax_first):
+        if logits_TE.dtype == torch.float64:  # the kernel computes in fp32; fp64 keeps its precision
+            from moefx.kernels.route import route_with_torch
+
+            return route_with_torch(logits_TE, top_k, renormalize, softmax_first)
+        from moefx.kernels.triton_route import route
+
+        return route(logits_TE, top_k, renormalize, softmax_first)
+
     return True

@@ -30,6 +30,11 @@ def _check(logits_TE: Tensor, top_k: int) -> None:
 def route(logits_TE: Tensor, top_k: int, renormalize: bool, softmax_first: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Returns ``(weights_TK, experts_TK, counts_E)``; ``counts_E`` is a histogram of ``experts_TK``."""
     _check(logits_TE, top_k)
+    return route_with_torch(logits_TE, top_k, renormalize, softmax_first)
+
+
+def route_with_torch(logits_TE: Tensor, top_k: int, renormalize: bool, softmax_first: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The default implementation, in torch ops (any device; the CUDA kernel uses it for fp64)."""
     logits = logits_TE.to(at_least_fp32(logits_TE.dtype))
     if softmax_first:
         weights_TK, experts_TK = torch.softmax(logits, dim=-1).topk(top_k, dim=-1)

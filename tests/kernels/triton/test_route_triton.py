@@ -1,0 +1,34 @@
+"""The Triton route kernel against the op's default implementation (itself tested against a
+slow loop): weights, experts and counts, both softmax placements, odd sizes, k up to E."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the Triton kernels need triton (pip install 'moefx[triton]')")
+
+import moefx.kernels  # noqa: E402,F401
+from moefx.kernels.triton_route import route  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("tokens,experts,top_k", [(1, 4, 2), (37, 5, 1), (70, 8, 2), (9, 7, 3), (13, 6, 6), (5, 64, 8)])
+@pytest.mark.parametrize("softmax_first,renormalize", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_route_matches_the_default_implementation(tokens, experts, top_k, softmax_first, renormalize, dtype):
+    g = torch.Generator().manual_seed(tokens * 100 + experts)
+    logits = (torch.randn(tokens, experts, generator=g) * 3).to(dtype)  # distinct values: no ties
+    want_w, want_e, want_c = torch.ops.moefx.route(logits, top_k, renormalize, softmax_first)
+    got_w, got_e, got_c = route(logits.to(DEVICE), top_k, renormalize, softmax_first)
+    assert torch.equal(got_e.cpu(), want_e)
+    assert torch.equal(got_c.cpu(), want_c)
+    assert got_w.dtype == want_w.dtype
+    torch.testing.assert_close(got_w.cpu(), want_w, rtol=1e-6, atol=1e-6)
+
+
+def test_ties_go_to_the_lower_expert():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0]])
+    _, experts, _ = route(logits.to(DEVICE), 2, True, True)
+    assert experts.cpu().tolist() == [[1, 2]]
