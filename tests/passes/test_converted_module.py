@@ -54,6 +54,18 @@ def test_to_dtype_and_export_keep_working():
     torch.testing.assert_close(program.module()(x), expected)
 
 
+def test_exported_program_saves_and_loads(tmp_path):
+    _, model, args, kwargs = _converted("llama")
+    model.eval()
+    program = torch.export.export(model, args, kwargs, strict=False)
+    ops = [str(n.target) for n in program.graph.nodes if str(n.target).startswith("moefx.")]
+    assert ops.count("moefx.route.default") == 2 and ops.count("moefx.grouped_linear.default") == 4  # 2 layers
+    torch.export.save(program, tmp_path / "model.pt2")
+    loaded = torch.export.load(tmp_path / "model.pt2")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module()(*args, **kwargs)[0], model(*args, **kwargs)[0])
+
+
 def test_torch_compile_matches_eager():
     _, model, args, _ = _converted("albert_like")
     compiled = torch.compile(model, backend="aot_eager", fullgraph=False)
