@@ -68,22 +68,22 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks and the passes' log")
 
 
-def _int(flag: str):
-    def parse(text: str) -> int:
+def _number(flag: str, kind: type, what: str):
+    """An argparse type whose error names the flag (argparse's own says "invalid int value")."""
+    def parse(text: str):
         try:
-            return int(text)
+            return kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"{flag} must be {what}, got {text!r}") from None
     return parse
+
+
+def _int(flag: str):
+    return _number(flag, int, "an integer")
 
 
 def _float(flag: str):
-    def parse(text: str) -> float:
-        try:
-            return float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}") from None
-    return parse
+    return _number(flag, float, "a number")
 
 
 def _choice(flag: str, choices):
