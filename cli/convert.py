@@ -11,8 +11,7 @@ from typing import Iterator
 import torch
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from moefx.artifact import manifest_for, save
-from moefx.distributed_checkpoint import MANIFEST
+from moefx.artifact import MANIFEST, read_manifest, save
 from moefx.atomic import refuse_existing
 from moefx.cli.checks import CLIError, check_conversion_options, check_model_file, options_from_args
 from moefx.cli.views import make_console, summary_table
@@ -59,8 +58,8 @@ def run_convert(args: argparse.Namespace) -> int:
         stage("write")
         source = {"file": str(built.path), "entry": built.entry, "dtype": args.dtype}
         save(model, out, force=args.force, source=source)
-    manifest = manifest_for(model, source)
     if args.json:
+        manifest = read_manifest(out)  # what was written
         print(json.dumps({"output": str(out.absolute()), **manifest}, indent=2))
         return 0
     after = parameter_counts(model)

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from moefx.atomic import atomic_directory
 from moefx.distributed_checkpoint import MANIFEST, is_expert_parallel, load_distributed, save_distributed, write_manifest
-from moefx.model import moe_layers, parameter_counts
+from moefx.model import moe_layers, named_tensors, parameter_counts
 from moefx.model_file import load_model_file
 from moefx.record import Conversion, conversions, inputs_from_spec, set_conversions
 
@@ -150,7 +150,7 @@ def _load_into_expert_parallel(model: nn.Module, out_dir) -> None:
             "the expert-parallel model has weights on the meta device: materialise it (model.to_empty(device=...)) "
             "before moefx.parallelize, then load"
         )
-    load_distributed(model, out_dir, {name: t.detach() for name, t in _unique_tensors(model)})
+    load_distributed(model, out_dir, {name: t.detach() for name, t in named_tensors(model)})
 
 
 def _fill_in_place(old: Tensor, value: Tensor) -> bool:
@@ -162,10 +162,6 @@ def _fill_in_place(old: Tensor, value: Tensor) -> bool:
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def _unique_tensors(model: nn.Module):
-    return [*model.named_parameters(), *model.named_buffers()]
 
 
 def _reapply(model: nn.Module, recorded: tuple[Conversion, ...], example_inputs, example_kwargs) -> None:
@@ -207,7 +203,7 @@ def _named_tensors(model: nn.Module) -> dict[str, Tensor]:
     """Parameters and buffers (non-persistent ones too: a meta model has no other source for
     them) by name, each tensor once; safetensors wants them contiguous and not sharing memory."""
     tensors, storages = {}, set()
-    for name, t in _unique_tensors(model):
+    for name, t in named_tensors(model):
         if t.is_meta:
             raise ArtifactError(f"{name} is on the meta device: materialise the weights (load them) before saving")
         t = t.detach().contiguous()
@@ -220,7 +216,7 @@ def _named_tensors(model: nn.Module) -> dict[str, Tensor]:
 
 
 def _tensor_shapes(model: nn.Module) -> dict[str, tuple]:
-    return {name: tuple(t.shape) for name, t in _unique_tensors(model)}
+    return {name: tuple(t.shape) for name, t in named_tensors(model)}
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moefx.atomic import atomic_directory, refuse_existing
 from moefx.expert_parallel import AllToAllDispatcher
-from moefx.model import moe_layers
+from moefx.model import moe_layers, named_tensors
 
 MANIFEST = "moefx.json"
 
@@ -94,7 +94,7 @@ def _as_global(model: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor
         if isinstance(layer.dispatcher, AllToAllDispatcher):
             for param in layer.experts.parameters(recurse=False):
                 meshes[id(param)] = layer.dispatcher.mesh
-    named = dict([*model.named_parameters(), *model.named_buffers()])
+    named = dict(named_tensors(model))
     state = {}
     for name, tensor in tensors.items():
         mesh = meshes.get(id(named.get(name)))

@@ -83,10 +83,14 @@ class AllToAllDispatcher:
         send_splits, recv_splits, kept = counts_host[0], counts_host[1], counts_host[2][0]
         x_recv = torch.ops.moefx.all_to_all(x_SD[:kept], recv_splits, send_splits, self.group_name)
         # Received rows come by source rank, then local expert; the experts want them by expert.
-        block_R = torch.repeat_interleave(torch.arange(ep * L, device=x_SD.device), recv_counts.reshape(-1))
+        # output_size: the total is already on the host (recv_splits), so this costs no second sync.
+        block_R = torch.repeat_interleave(
+            torch.arange(ep * L, device=x_SD.device), recv_counts.reshape(-1), output_size=sum(recv_splits)
+        )
         expert_major_R = (block_R % L) * ep + block_R // L
         order_R = torch.argsort(expert_major_R, stable=True)  # row of the expert buffer → received row
-        regroup_R = torch.argsort(order_R)  # received row → row of the expert buffer
+        regroup_R = torch.empty_like(order_R)  # received row → row of the expert buffer (the inverse)
+        regroup_R[order_R] = torch.arange(order_R.numel(), device=x_SD.device)
         local_offsets = torch.zeros(L + 1, dtype=torch.int64, device=x_SD.device)
         torch.cumsum(recv_counts.sum(0), 0, out=local_offsets[1:])
         meta = EPDispatchMeta(local_offsets, offsets_E1, slot_row_S, row_slot_S, regroup_R, send_splits, recv_splits, kept, None, None)

@@ -18,6 +18,11 @@ def moe_layers(model: nn.Module) -> Iterator[tuple[str, MoE]]:
             yield name, module
 
 
+def named_tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """Every parameter and buffer by name (non-persistent buffers too), tied ones once."""
+    return [*model.named_parameters(), *model.named_buffers()]
+
+
 def aux_loss(model: nn.Module) -> Tensor:
     """Sum of the router losses (load balance + z-loss, with their coefficients) of every MoE
     layer's last forward: a 0-dim tensor to add to the training loss before ``backward()``.
