@@ -1,7 +1,7 @@
 """moefx: turn the feed-forward blocks of any PyTorch model into Mixture-of-Experts layers.
 
 Public API (see DESIGN.md): ``moefy``, ``find_ffns``, ``MoE``, ``MoEConfig``, ``FFNTemplate``, ``moe_layers``,
-``aux_loss``, ``save``, ``load``, ``parallelize``, ``expert_parallel_mesh``.
+``aux_loss``, ``save``, ``load``, ``parallelize``, ``expert_parallel_mesh``, ``offload``, ``offload_stats``.
 """
 
 from moefx.config import MoEConfig
@@ -12,10 +12,12 @@ from moefx.passes.driver import NoFFNFound, find_ffns, moefy  # noqa: E402  (nee
 from moefx.passes.find_ffn import FFNMatch
 from moefx.artifact import load, save
 from moefx.parallel import expert_parallel_mesh, parallelize
+from moefx.offload import OffloadStats, offload, offload_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FFNMatch", "FFNTemplate", "MoE", "MoEConfig", "MoEStats", "NoFFNFound", "aux_loss", "find_ffns", "moe_layers",
-    "expert_parallel_mesh", "load", "moefy", "parallelize", "save", "__version__",
+    "OffloadStats", "expert_parallel_mesh", "load", "moefy", "offload", "offload_stats", "parallelize", "save",
+    "__version__",
 ]

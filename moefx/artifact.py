@@ -26,10 +26,10 @@ from moefx.atomic import atomic_directory
 from moefx.distributed_checkpoint import MANIFEST, is_expert_parallel, load_distributed, save_distributed, write_manifest
 from moefx.model import moe_layers, named_tensors, parameter_counts
 from moefx.model_file import load_model_file
+from moefx.offloaded_experts import OffloadedExperts
 from moefx.record import Conversion, conversions, inputs_from_spec, set_conversions
+from moefx.weight_files import INDEX, WEIGHTS, weight_files
 
-WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"  # weights in several files (a distributed save)
 FORMAT_VERSION = 1
 
 
@@ -47,6 +47,8 @@ def save(model: nn.Module, out_dir: str | Path, *, force: bool = False, source: 
     alone (under DDP, call it on one rank). ``force`` replaces only an earlier moefx output.
     """
     model = _unwrap(model)
+    if any(isinstance(layer.experts, OffloadedExperts) for _, layer in moe_layers(model)):
+        raise ArtifactError("an offloaded model holds only some of its experts: save the model before moefx.offload")
     tensors = _named_tensors(model)
     manifest = manifest_for(model, source)
     if is_expert_parallel(model):
@@ -96,7 +98,9 @@ def read_manifest(out_dir: str | Path) -> dict:
     return manifest
 
 
-def load(out_dir: str | Path, model: nn.Module | None = None, *, example_inputs=None, example_kwargs=None) -> nn.Module:
+def load(
+    out_dir: str | Path, model: nn.Module | None = None, *, example_inputs=None, example_kwargs=None, weights: bool = True
+) -> nn.Module:
     """The converted model saved in ``out_dir``, with its weights.
 
     Given ``model`` (the dense architecture; its weights may be on meta and are replaced), it is
@@ -104,7 +108,9 @@ def load(out_dir: str | Path, model: nn.Module | None = None, *, example_inputs=
     expert-parallel) keeps its parameters, filled in place. Given none, the model file
     recorded by ``moefx convert`` is imported and built: this runs that file's code, so load only
     outputs you trust. ``example_inputs``/``example_kwargs`` replace the recorded input shapes
-    when the passes need real ones.
+    when the passes need real ones. ``weights=False`` stops after the conversion, the tensors left
+    as they are (on meta, for a meta model): the structure for ``moefx.offload(..., storage="disk",
+    path=out_dir)``, which reads the weights itself.
     """
     manifest = read_manifest(out_dir)
     given, model = model, None if model is None else _unwrap(model)
@@ -120,7 +126,7 @@ def load(out_dir: str | Path, model: nn.Module | None = None, *, example_inputs=
         model.to("meta")  # ours to discard: every tensor comes from the file, no second copy meanwhile
         if example_inputs is None and example_kwargs is None:
             example_inputs, example_kwargs = built.example_args, built.example_kwargs
-    files = _weight_files(Path(out_dir))
+    files = weight_files(Path(out_dir))
     shapes = {}
     for file in files:
         with safe_open(file, framework="pt") as f:
@@ -129,19 +135,14 @@ def load(out_dir: str | Path, model: nn.Module | None = None, *, example_inputs=
     if _tensor_shapes(model) != shapes:  # not converted yet (a model that is, is only filled in)
         _reapply(model, recorded, example_inputs, example_kwargs)
         _check_fits(model, shapes, out_dir)
+    if not weights:
+        return given
     tensors = {}
     for file in files:
         with safe_open(file, framework="pt") as f:
             tensors.update((name, f.get_tensor(name)) for name in f.keys())
-    _assign(model, tensors)
+    assign_tensors(model, tensors)
     return given
-
-
-def _weight_files(out_dir: Path) -> list[Path]:
-    if (out_dir / WEIGHTS).is_file():
-        return [out_dir / WEIGHTS]
-    weight_map = json.loads((out_dir / INDEX).read_text())["weight_map"]
-    return [out_dir / name for name in sorted(set(weight_map.values()))]
 
 
 def _load_into_expert_parallel(model: nn.Module, out_dir) -> None:
@@ -220,18 +221,19 @@ def _tensor_shapes(model: nn.Module) -> dict[str, tuple]:
 
 
 @torch.no_grad()
-def _assign(model: nn.Module, tensors: dict[str, Tensor]) -> None:
-    """Fill the model's tensors: in place where shape and dtype match (an optimizer or a hook that
-    holds them keeps working), else by replacing them (meta tensors, another dtype), keeping
-    tied and shared ones tied. Tensors land on the device the model's tensor is on."""
+def assign_tensors(model: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Fill the model's tensors named in ``tensors``: in place where shape and dtype match (an
+    optimizer or a hook that holds them keeps working), else by replacing them (meta tensors,
+    another dtype), keeping tied and shared ones tied. Tensors land on the device the model's
+    tensor is on (the CPU for a meta one)."""
     new = {}
     for name, p in model.named_parameters():
-        if _fill_in_place(p, tensors[name]):
+        if name not in tensors or _fill_in_place(p, tensors[name]):
             continue
         device = "cpu" if p.is_meta else p.device
         new[id(p)] = nn.Parameter(tensors[name].to(device), requires_grad=p.requires_grad)
     for name, b in model.named_buffers():
-        if not _fill_in_place(b, tensors[name]):
+        if name in tensors and not _fill_in_place(b, tensors[name]):
             new[id(b)] = tensors[name].to("cpu" if b.is_meta else b.device)
     for module in model.modules():
         for table in (module._parameters, module._buffers):

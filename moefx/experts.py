@@ -55,6 +55,10 @@ class GroupedExperts(nn.Module):
         self.out_bias = nn.Parameter(torch.empty(num_experts, d_model, **factory)) if bias else None
         self.reset_parameters()
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.in_proj.dtype
+
     def reset_parameters(self) -> None:
         _init_linear_(self.in_proj, self.in_bias)
         _init_linear_(self.out_proj, self.out_bias)

@@ -116,9 +116,9 @@ class MoE(nn.Module):
                 f"MoE(d_model={D}) got an input of shape {tuple(x.shape)}: its last dimension must be {D}, "
                 f"i.e. shape (..., {D})"
             )
-        if x.dtype != self.experts.in_proj.dtype:
+        if x.dtype != self.experts.dtype:
             raise ValueError(
-                f"MoE got an input of dtype {x.dtype} but its weights are {self.experts.in_proj.dtype}: "
+                f"MoE got an input of dtype {x.dtype} but its weights are {self.experts.dtype}: "
                 f"cast the input, or the layer with .to({x.dtype})"
             )
         x_TD = x.reshape(-1, D)

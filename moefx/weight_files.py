@@ -1,0 +1,16 @@
+"""The weight files of a moefx output directory: one safetensors file, or shards with an index."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"  # weights in several files (a distributed save)
+
+
+def weight_files(out_dir: Path) -> list[Path]:
+    if (out_dir / WEIGHTS).is_file():
+        return [out_dir / WEIGHTS]
+    weight_map = json.loads((out_dir / INDEX).read_text())["weight_map"]
+    return [out_dir / name for name in sorted(set(weight_map.values()))]
