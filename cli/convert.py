@@ -42,7 +42,7 @@ def run_convert(args: argparse.Namespace) -> int:
         model, inputs, kwargs = built.model, built.example_args, built.example_kwargs
         if args.dtype:
             model.to(getattr(torch, args.dtype))
-            inputs, kwargs = _cast(inputs, args.dtype), _cast(kwargs, args.dtype)
+            inputs, kwargs = cast_inputs(inputs, args.dtype), cast_inputs(kwargs, args.dtype)
         before = parameter_counts(model)
         found = _search(model, built, stage)
         if not found.matches:
@@ -147,13 +147,14 @@ def _progress(enabled: bool) -> Iterator:
         yield stage
 
 
-def _cast(value, dtype: str):
+def cast_inputs(value, dtype: str):
+    """Floating tensors in ``value`` (tensors, tuples, lists, dicts) cast to ``dtype``."""
     if isinstance(value, torch.Tensor):
         return value.to(getattr(torch, dtype)) if value.is_floating_point() else value
     if isinstance(value, (tuple, list)):
-        return type(value)(_cast(v, dtype) for v in value)
+        return type(value)(cast_inputs(v, dtype) for v in value)
     if isinstance(value, dict):
-        return {k: _cast(v, dtype) for k, v in value.items()}
+        return {k: cast_inputs(v, dtype) for k, v in value.items()}
     return value
 
 

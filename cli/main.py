@@ -1,4 +1,4 @@
-"""The ``moefx`` command: ``convert``, ``inspect`` and ``bench``.
+"""The ``moefx`` command: ``convert``, ``inspect``, ``export`` and ``bench``.
 
 Exit codes: 0 done; 1 the conversion failed (the model file, capture, nothing to convert...);
 2 a usage error (bad option, missing file, output exists); 130 interrupted. A failure prints
@@ -16,6 +16,7 @@ import traceback
 from moefx.cli.checks import CLIError
 from moefx.config import GATES
 from moefx.init import INIT_STRATEGIES
+from moefx.lowering import FORMATS
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -45,6 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     _conversion_options(inspect)
     inspect.add_argument("--layer", metavar="PATH", help="the MoE layer whose graph to show (default: the first)")
     _common(inspect)
+
+    export = commands.add_parser("export", help="export a moefx convert output for deployment (pt2, AOTInductor, TensorRT)")
+    export.add_argument("out_dir", metavar="OUT_DIR", help="a moefx convert output directory")
+    export.add_argument("--format", default="pt2", type=_choice("--format", FORMATS), metavar="{" + ",".join(FORMATS) + "}",
+                        help="pt2: torch.export program; aoti: AOTInductor package; tensorrt: Torch-TensorRT (default pt2)")
+    export.add_argument("-o", "--output", metavar="FILE", help="where to write (default: OUT_DIR/model[.aoti|.trt].pt2)")
+    export.add_argument("--device", default="cpu", help="device to export for (tensorrt needs cuda; default cpu)")
+    export.add_argument("--force", action="store_true", help="replace an existing file")
+    _common(export)
 
     # Listed for --help; main() hands `moefx bench ...` to the benchmark's own parser.
     commands.add_parser("bench", help="time one MoE layer against transformers and a dense limit (moefx bench --help)")
@@ -108,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         args = build_parser().parse_args(argv)
         if args.command is None:
-            raise CLIError("no command given: use moefx convert, moefx inspect or moefx bench (see moefx --help)", code=2)
+            raise CLIError("no command given: use moefx convert, moefx inspect, moefx export or moefx bench (see moefx --help)", code=2)
         return _run(args)
     except CLIError as err:
         return _fail(str(err), err.code, debug)
@@ -123,6 +133,10 @@ def _run(args: argparse.Namespace) -> int:
         from moefx.cli.convert import run_convert
 
         return run_convert(args)
+    if args.command == "export":
+        from moefx.cli.export import run_export
+
+        return run_export(args)
     from moefx.cli.inspection import run_inspect
 
     return run_inspect(args)

@@ -1,7 +1,7 @@
 """moefx: turn the feed-forward blocks of any PyTorch model into Mixture-of-Experts layers.
 
 Public API (see DESIGN.md): ``moefy``, ``find_ffns``, ``MoE``, ``MoEConfig``, ``FFNTemplate``, ``moe_layers``,
-``aux_loss``, ``save``, ``load``, ``parallelize``, ``expert_parallel_mesh``, ``offload``, ``offload_stats``.
+``aux_loss``, ``save``, ``load``, ``parallelize``, ``expert_parallel_mesh``, ``offload``, ``offload_stats``, ``export``.
 """
 
 from moefx.config import MoEConfig
@@ -13,11 +13,12 @@ from moefx.passes.find_ffn import FFNMatch
 from moefx.artifact import load, save
 from moefx.parallel import expert_parallel_mesh, parallelize
 from moefx.offload import OffloadStats, offload, offload_stats
+from moefx.lowering import export
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FFNMatch", "FFNTemplate", "MoE", "MoEConfig", "MoEStats", "NoFFNFound", "aux_loss", "find_ffns", "moe_layers",
-    "OffloadStats", "expert_parallel_mesh", "load", "moefy", "offload", "offload_stats", "parallelize", "save",
+    "OffloadStats", "export", "expert_parallel_mesh", "load", "moefy", "offload", "offload_stats", "parallelize", "save",
     "__version__",
 ]

@@ -1,0 +1,85 @@
+"""``moefx export OUT_DIR --format {pt2,aoti,tensorrt}``: a moefx convert output, exported for
+deployment (``moefx.lowering``). The model file the output records is imported to rebuild the
+model and to give the example inputs, whose shapes the exported program is fixed to."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.utils._pytree import tree_map
+
+from moefx.artifact import ArtifactError, load, read_manifest
+from moefx.cli.checks import CLIError
+from moefx.cli.convert import cast_inputs
+from moefx.cli.views import make_console, summary_table
+from moefx.lowering import ExportError, export
+from moefx.model_file import ModelFileError, load_model_file
+from moefx.passes.capture import CaptureError
+from moefx.record import Conversion, inputs_from_spec
+
+DEFAULT_NAMES = {"pt2": "model.pt2", "aoti": "model.aoti.pt2", "tensorrt": "model.trt.pt2"}
+
+
+def run_export(args: argparse.Namespace) -> int:
+    out_dir = Path(args.out_dir)
+    if not out_dir.is_dir():
+        raise CLIError(f"{args.out_dir} is not a directory: pass the output of moefx convert", code=2)
+    try:
+        manifest = read_manifest(out_dir)
+    except ArtifactError as err:
+        raise CLIError(str(err), code=2) from err
+    target = Path(args.output) if args.output else out_dir / DEFAULT_NAMES[args.format]
+    if target.exists() and not args.force:
+        raise CLIError(f"{target} exists: pass --force to replace it, or -o another file", code=2)
+    if args.format == "aoti" and target.suffix != ".pt2":
+        raise CLIError(f"-o {target}: an AOTInductor package must be named *.pt2", code=2)
+    started = time.perf_counter()
+    model, inputs, kwargs = _rebuild(out_dir, manifest)
+    device = torch.device(args.device)
+    model.to(device)
+    inputs, kwargs = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, (inputs, kwargs))
+    try:
+        export(model, target, example_inputs=inputs, example_kwargs=kwargs, format=args.format)
+    except ExportError as err:
+        raise CLIError(str(err)) from err
+    seconds = time.perf_counter() - started
+    if args.json:
+        print(json.dumps({"output": str(target.absolute()), "format": args.format, "bytes": target.stat().st_size,
+                          "seconds": round(seconds, 2)}, indent=2))
+        return 0
+    rows = [
+        ("from", str(out_dir.absolute())),
+        ("format", args.format),
+        ("inputs", ", ".join(str(tuple(t.shape)) for t in inputs if isinstance(t, torch.Tensor)) or "keyword arguments"),
+        ("output", f"{target.absolute()} ({target.stat().st_size / 2**20:.1f} MiB, {seconds:.1f} s)"),
+        ("load with", "import moefx, then " + ("torch._inductor.aoti_load_package(path)" if args.format == "aoti"
+                                              else "torch.export.load(path).module()")),
+    ]
+    make_console().print(summary_table("moefx export", rows))
+    return 0
+
+
+def _rebuild(out_dir: Path, manifest: dict):
+    """The converted model with its weights, and example inputs: the model file's, else zeros of the
+    shapes recorded at conversion."""
+    source = manifest.get("source") or {}
+    if not source.get("file"):
+        raise CLIError(f"{out_dir} records no model file (it was saved from Python): use moefx.export(model, path, example_inputs=...)")
+    try:
+        built = load_model_file(source["file"], source.get("entry"))
+        model = load(out_dir, built.model, example_inputs=built.example_args, example_kwargs=built.example_kwargs)
+    except (ArtifactError, ModelFileError, CaptureError) as err:
+        raise CLIError(f"cannot load {out_dir}: {err}") from err
+    inputs, kwargs = built.example_args, built.example_kwargs
+    if inputs is None and kwargs is None:
+        specs = [Conversion.from_dict(c).example_inputs for c in manifest["conversions"]]
+        if not specs or specs[0] is None:
+            raise CLIError(f"{source['file']} defines no example_inputs(): export needs the forward's arguments; define it")
+        inputs, kwargs = inputs_from_spec(specs[0])
+    if source.get("dtype"):
+        inputs, kwargs = cast_inputs(inputs, source["dtype"]), cast_inputs(kwargs, source["dtype"])
+    return model, tuple(inputs or ()), kwargs or {}
