@@ -15,6 +15,7 @@ it was handed, and the slot is not handed to anything else until that copy is do
 from __future__ import annotations
 
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -68,10 +69,12 @@ class ExpertCache:
         self.slots = [_Slot(i, pool[i * slot_bytes: (i + 1) * slot_bytes]) for i in range(num_slots)]
         self._where: dict[tuple[int, int], _Slot] = {}
         self._scores = [[0.0] * E for E in num_experts]
+        self._experts_used = list(num_experts)  # per layer, in its last call; before any, all of them
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="moefx-offload") if prefetch else None
         self._copy_stream = torch.cuda.Stream(device) if prefetch and device.type == "cuda" else None
         self._tick = 0
         self.reset_stats()
+        weakref.finalize(self, _shut_down, self._loader, store)  # the loader thread and open files go with the cache
 
     @property
     def prefetch(self) -> bool:
@@ -106,10 +109,6 @@ class ExpertCache:
         if self.prefetch:  # the whole pool is free for the next layer now
             self._prefetch(next_layer, len(self.slots), protected=set())
 
-    def close(self) -> None:
-        if self._loader is not None:
-            self._loader.shutdown(wait=True)
-        self.store.close()
 
     # -- choosing what to compute, load and evict --------------------------------------------
 
@@ -187,6 +186,7 @@ class ExpertCache:
         layer's routing average), and only if that one is less likely than the expert coming in:
         a guess must not push out a better one."""
         scores = self._scores[layer]
+        room = min(room, self._experts_used[layer])  # as many as it used last time: more would be wasted guesses
         likely = sorted(range(len(scores)), key=lambda e: -scores[e])[:max(room, 0)]
         keep = protected | {(layer, e) for e in likely}
         for e in likely:
@@ -201,6 +201,7 @@ class ExpertCache:
         return self._scores[key[0]][key[1]]
 
     def _update_scores(self, layer: int, tokens_per_expert: list[int]) -> None:
+        self._experts_used[layer] = sum(n > 0 for n in tokens_per_expert)
         total = sum(tokens_per_expert) or 1
         self._scores[layer] = [
             _SCORE_DECAY * s + (1 - _SCORE_DECAY) * n / total for s, n in zip(self._scores[layer], tokens_per_expert)
@@ -260,3 +261,9 @@ class ExpertCache:
         if slot.key is not None:
             self._where.pop(slot.key, None)
         slot.key, slot.pending, slot.prefetched = None, None, False
+
+
+def _shut_down(loader: ThreadPoolExecutor | None, store) -> None:
+    if loader is not None:
+        loader.shutdown(wait=True)
+    store.close()
