@@ -52,7 +52,6 @@ class OffloadStats:
 
 @dataclass(eq=False)
 class _Slot:
-    index: int
     memory: Tensor  # this slot's bytes in the pool
     key: tuple[int, int] | None = None  # (layer, expert) held or being loaded
     pending: Future | None = None  # the load in flight, if any
@@ -66,7 +65,7 @@ class ExpertCache:
                  slot_bytes: int, device: torch.device, prefetch: bool) -> None:
         self.store, self.layouts, self.device = store, layouts, device
         pool = torch.empty(num_slots * slot_bytes, dtype=torch.uint8, device=device)
-        self.slots = [_Slot(i, pool[i * slot_bytes: (i + 1) * slot_bytes]) for i in range(num_slots)]
+        self.slots = [_Slot(pool[i * slot_bytes: (i + 1) * slot_bytes]) for i in range(num_slots)]
         self._where: dict[tuple[int, int], _Slot] = {}
         self._scores = [[0.0] * E for E in num_experts]
         self._experts_used = list(num_experts)  # per layer, in its last call; before any, all of them
@@ -96,19 +95,18 @@ class ExpertCache:
         self._update_scores(layer, tokens_per_expert)
         next_layer = (layer + 1) % len(self.layouts)
         if self.prefetch:
-            self._load_ahead(layer, remaining, remaining)
+            self._load_ahead(layer, remaining)
             self._prefetch(next_layer, len(self.slots) - len(remaining), protected={(layer, e) for e in remaining})
         while remaining:
             expert = self._next(layer, remaining)
             remaining.remove(expert)
             slot = self._acquire(layer, expert, protected={(layer, e) for e in remaining})
             if self.prefetch:  # queue the next loads before computing this one
-                self._load_ahead(layer, remaining, remaining, busy=slot)
+                self._load_ahead(layer, remaining, busy=slot)
             compute(expert, self.layouts[layer].views(slot.memory))
             self._release(slot)
         if self.prefetch:  # the whole pool is free for the next layer now
             self._prefetch(next_layer, len(self.slots), protected=set())
-
 
     # -- choosing what to compute, load and evict --------------------------------------------
 
@@ -169,9 +167,10 @@ class ExpertCache:
         if self._copy_stream is not None:  # a later copy into this slot waits for this compute
             slot.released = torch.cuda.current_stream(self.device).record_event()
 
-    def _load_ahead(self, layer: int, experts: list[int], protected_experts: list[int], busy: _Slot | None = None) -> None:
-        """Queue loads of ``layer``'s ``experts`` that are not resident, into slots free to take them."""
-        protected = {(layer, e) for e in protected_experts}
+    def _load_ahead(self, layer: int, experts: list[int], busy: _Slot | None = None) -> None:
+        """Queue loads of ``layer``'s ``experts`` that are not resident, into slots free to take them
+        (never one holding another of them, nor ``busy``)."""
+        protected = {(layer, e) for e in experts}
         for e in experts:
             if (layer, e) in self._where:
                 continue
