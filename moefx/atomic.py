@@ -44,6 +44,9 @@ def atomic_directory(target: str | Path, *, force: bool = False, marker: str | N
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output should not be
+        for file in tmp.rglob("*"):  # nor its files (safetensors creates them owner-only)
+            if file.is_file() and not file.is_symlink():
+                os.chmod(file, 0o666 & ~umask)
         _swap_in(tmp, target, force, marker)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -73,6 +73,9 @@ def test_output_gets_the_usual_permissions(tmp_path):
 
     with atomic_directory(tmp_path / "out") as tmp:
         _write(tmp)
+        os.chmod(tmp / "a.txt", 0o600)  # as safetensors creates its files
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o777 & ~umask
+    for name in ("a.txt", "b.txt"):
+        assert stat.S_IMODE((tmp_path / "out" / name).stat().st_mode) == 0o666 & ~umask
