@@ -50,7 +50,7 @@ def offload(
     Returns ``model``, changed in place: evaluation mode, no gradients.
     """
     device = torch.device(device)
-    layers = _check_arguments(model, device, budget_bytes, storage, path)
+    layers = _check_arguments(model, budget_bytes, storage, path)
     stacked = [stacked_expert_tensors(layer.experts) for _, layer in layers]
     layouts = [ExpertLayout.of(s) for s in stacked]
     slot_bytes = max(layout.slot_bytes for layout in layouts)
@@ -103,7 +103,7 @@ def is_offloaded(model: nn.Module) -> bool:
     return getattr(model, _ATTRIBUTE, None) is not None
 
 
-def _check_arguments(model: nn.Module, device: torch.device, budget_bytes, storage: str, path) -> list:
+def _check_arguments(model: nn.Module, budget_bytes, storage: str, path) -> list:
     if storage not in STORAGES:
         raise ValueError(f"storage={storage!r} is unknown: must be one of {list(STORAGES)}")
     if storage == "disk" and path is None:
