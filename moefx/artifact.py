@@ -26,7 +26,7 @@ from moefx.atomic import atomic_directory
 from moefx.distributed_checkpoint import MANIFEST, is_expert_parallel, load_distributed, save_distributed, write_manifest
 from moefx.model import moe_layers, named_tensors, parameter_counts
 from moefx.model_file import load_model_file
-from moefx.offloaded_experts import OffloadedExperts
+from moefx.offloaded_experts import is_offloaded
 from moefx.record import Conversion, conversions, inputs_from_spec, set_conversions
 from moefx.weight_files import INDEX, WEIGHTS, weight_files
 
@@ -47,7 +47,7 @@ def save(model: nn.Module, out_dir: str | Path, *, force: bool = False, source: 
     alone (under DDP, call it on one rank). ``force`` replaces only an earlier moefx output.
     """
     model = _unwrap(model)
-    if any(isinstance(layer.experts, OffloadedExperts) for _, layer in moe_layers(model)):
+    if is_offloaded(model):
         raise ArtifactError("an offloaded model holds only some of its experts: save the model before moefx.offload")
     tensors = _named_tensors(model)
     manifest = manifest_for(model, source)

@@ -16,6 +16,7 @@ expert weights pile up in RSS; reads leave them in the page cache, which is the 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -62,10 +63,7 @@ class ExpertLayout:
         return cls(dtype, shapes, offsets)
 
     def part_bytes(self, part: str) -> int:
-        n = 1
-        for size in self.shapes[part]:
-            n *= size
-        return n * self.dtype.itemsize
+        return math.prod(self.shapes[part]) * self.dtype.itemsize
 
     @property
     def nbytes(self) -> int:

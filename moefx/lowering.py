@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moefx.model import moe_layers
-from moefx.offloaded_experts import OffloadedExperts
+from moefx.offloaded_experts import is_offloaded
 
 FORMATS = ("pt2", "aoti", "tensorrt")
 # Left to PyTorch by TensorRT: its converters do not know them (a plugin per op would be the next step).
@@ -39,7 +38,7 @@ def export(model: nn.Module, path: str | Path, *, example_inputs: tuple, example
     ``example_inputs``/``example_kwargs`` are the forward's arguments, on the device to export for."""
     if format not in FORMATS:
         raise ValueError(f"format={format!r} is unknown: must be one of {list(FORMATS)}")
-    if any(isinstance(layer.experts, OffloadedExperts) for _, layer in moe_layers(model)):
+    if is_offloaded(model):
         raise ExportError("an offloaded model streams its experts at run time and cannot be exported: export it before moefx.offload")
     path = Path(path)
     if format == "tensorrt":

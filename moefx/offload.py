@@ -26,7 +26,7 @@ from moefx.expert_store import (
     DiskExpertStore, ExpertLayout, HostExpertStore, OffloadError, SafetensorsIndex, stacked_expert_tensors,
 )
 from moefx.model import moe_layers, named_tensors
-from moefx.offloaded_experts import OffloadedExperts
+from moefx.offloaded_experts import OffloadedExperts, is_offloaded
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,6 @@ def offload_stats(model: nn.Module, *, reset: bool = False) -> OffloadStats:
     return stats
 
 
-def is_offloaded(model: nn.Module) -> bool:
-    return getattr(model, _ATTRIBUTE, None) is not None
-
-
 def _check_arguments(model: nn.Module, budget_bytes, storage: str, path) -> list:
     if storage not in STORAGES:
         raise ValueError(f"storage={storage!r} is unknown: must be one of {list(STORAGES)}")
@@ -136,19 +132,22 @@ def _check_not_meta(stacked, layers, others) -> None:
 
 def _read_meta_tensors(index: SafetensorsIndex, others) -> dict[str, torch.Tensor]:
     """The non-expert tensors still on meta, read from the file (they are small next to the experts)."""
-    tensors = {}
+    by_file: dict[Path, list[tuple[str, torch.Tensor]]] = {}
     for name, t in others:
         if not t.is_meta:
             continue
-        file, *_ = index.entries.get(name, (None,))
-        if file is None:
+        if name not in index.entries:
             raise OffloadError(f"tensor {name!r} is on the meta device and missing from {index.path}: load it first")
+        by_file.setdefault(index.entries[name][0], []).append((name, t))
+    tensors = {}
+    for file, wanted in by_file.items():
         with safe_open(file, framework="pt") as f:
-            value = f.get_tensor(name)
-        if value.shape != t.shape or value.dtype != t.dtype:
-            raise OffloadError(
-                f"tensor {name!r} in {file} is {value.dtype} {tuple(value.shape)}, but the model's is {t.dtype} "
-                f"{tuple(t.shape)}: offload the model the file was saved from"
-            )
-        tensors[name] = value
+            for name, t in wanted:
+                value = f.get_tensor(name)
+                if value.shape != t.shape or value.dtype != t.dtype:
+                    raise OffloadError(
+                        f"tensor {name!r} in {file} is {value.dtype} {tuple(value.shape)}, but the model's is {t.dtype} "
+                        f"{tuple(t.shape)}: offload the model the file was saved from"
+                    )
+                tensors[name] = value
     return tensors

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 import moefx.kernels  # noqa: F401  (registers torch.ops.moefx)
 from moefx.expert_cache import ExpertCache
 from moefx.experts import ExpertMid
+from moefx.model import moe_layers
 
 
 class OffloadedExperts(nn.Module):
@@ -35,19 +36,27 @@ class OffloadedExperts(nn.Module):
                 "in, so it has no backward; run it under torch.no_grad() or torch.inference_mode()"
             )
         bounds = offsets_E1.tolist()  # NOTE: device-to-host sync: which experts to bring in
+        counts = [b - a for a, b in zip(bounds, bounds[1:])]
+        # Each expert's rows as a one-expert grouped linear's offsets [0, rows]: one copy for the layer.
+        single_E2 = torch.tensor([[0, n] for n in counts], device=x_SD.device)
         y_SD = x_SD.new_zeros((x_SD.shape[0], self.d_model))  # dropped rows stay zero, as in grouped_linear
 
         def compute(expert: int, w: dict[str, Tensor]) -> None:
             a, b = bounds[expert], bounds[expert + 1]
-            offsets_11 = torch.tensor([0, b - a], device=x_SD.device)
-            h = torch.ops.moefx.grouped_linear(x_SD[a:b], w["in_proj"][None], _one(w.get("in_bias")), offsets_11)
-            y_SD[a:b] = torch.ops.moefx.grouped_linear(self.mid(h), w["out_proj"][None], _one(w.get("out_bias")), offsets_11)
+            offsets_2 = single_E2[expert]
+            h = torch.ops.moefx.grouped_linear(x_SD[a:b], w["in_proj"][None], _one(w.get("in_bias")), offsets_2)
+            y_SD[a:b] = torch.ops.moefx.grouped_linear(self.mid(h), w["out_proj"][None], _one(w.get("out_bias")), offsets_2)
 
-        self.cache.run_layer(self.layer, [b - a for a, b in zip(bounds, bounds[1:])], compute)
+        self.cache.run_layer(self.layer, counts, compute)
         return y_SD
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, slots={len(self.cache.slots)}, prefetch={self.cache.prefetch}"
+
+
+def is_offloaded(model: nn.Module) -> bool:
+    """Whether ``moefx.offload`` made ``model``'s experts stream (it then holds only some of them)."""
+    return any(isinstance(layer.experts, OffloadedExperts) for _, layer in moe_layers(model))
 
 
 def _one(bias: Tensor | None) -> Tensor | None:
