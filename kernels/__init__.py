@@ -3,10 +3,27 @@
 Each op module holds one op: its schema, fake (meta) implementation, autograd formula and the
 default (CPU) implementation; ``reference.py`` holds slow, obviously-right versions for tests.
 Device kernels (Triton on CUDA) register for their dispatch key beside the default. Call the ops
-through ``torch.ops.moefx``: route, permute, grouped_linear, unpermute, all_to_all (expert parallelism).
+through ``torch.ops.moefx``: route, permute, grouped_linear, unpermute, all_to_all (expert parallelism),
+and the fused forms a local layer runs: plan_dispatch (permute's layout alone),
+gather_grouped_linear (permute + grouped_linear) and grouped_linear_combine (grouped_linear + unpermute).
 """
 
-from moefx.kernels import all_to_all, grouped_linear, permute, route, unpermute  # noqa: F401  (registers the ops)
+from moefx.kernels import (  # noqa: F401  (registers the ops)
+    all_to_all,
+    gather_grouped_linear,
+    grouped_linear,
+    grouped_linear_combine,
+    permute,
+    plan_dispatch,
+    route,
+    unpermute,
+)
 from moefx.kernels import cuda_kernels
+
+# The ops a forward can contain, as ``torch.ops.moefx`` names (backward ops are not listed).
+FORWARD_OPS = (
+    "route", "permute", "plan_dispatch", "grouped_linear", "gather_grouped_linear", "grouped_linear_combine",
+    "unpermute", "all_to_all",
+)
 
 cuda_kernels.register()

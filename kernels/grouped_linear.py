@@ -22,39 +22,16 @@ import torch
 from torch import Tensor
 
 from moefx.kernels.dtypes import at_least_fp32
+from moefx.kernels.segments import check_grouped_weights, expert_segments
 
 
-def _check(x_SI: Tensor, weight_EOI: Tensor, bias_EO: Tensor | None, offsets_E1: Tensor) -> None:
-    E = weight_EOI.shape[0]
-    if x_SI.dim() != 2 or weight_EOI.dim() != 3 or x_SI.shape[1] != weight_EOI.shape[2]:
-        raise ValueError(
-            f"moefx::grouped_linear expects x [rows, in] and weight [experts, out, in], "
-            f"got {tuple(x_SI.shape)} and {tuple(weight_EOI.shape)}"
-        )
-    if bias_EO is not None and bias_EO.shape != weight_EOI.shape[:2]:
-        raise ValueError(f"moefx::grouped_linear: bias shape {tuple(bias_EO.shape)} must be {tuple(weight_EOI.shape[:2])}")
-    if offsets_E1.shape != (E + 1,) or offsets_E1.dtype not in (torch.int32, torch.int64):
-        raise ValueError(
-            f"moefx::grouped_linear: offsets must be an integer tensor of shape ({E + 1},), "
-            f"got {offsets_E1.dtype} of shape {tuple(offsets_E1.shape)}"
-        )
-
-
-def _segments(offsets_E1: Tensor, num_rows: int) -> tuple[list[tuple[int, int, int]], int]:
-    """(expert, start, end) of every non-empty segment, and the number of kept rows."""
-    bounds = offsets_E1.tolist()  # NOTE: device-to-host sync; free on CPU, device kernels avoid it.
-    if bounds[0] != 0 or bounds[-1] > num_rows or any(b < a for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(
-            f"moefx::grouped_linear: offsets {bounds} must start at 0, never decrease and end at most at "
-            f"the number of rows ({num_rows}); take them from moefx::permute"
-        )
-    return [(e, a, b) for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a], bounds[-1]
+OP = "moefx::grouped_linear"
 
 
 @torch.library.custom_op("moefx::grouped_linear", mutates_args=())
 def grouped_linear(x_SI: Tensor, weight_EOI: Tensor, bias_EO: Tensor | None, offsets_E1: Tensor) -> Tensor:
-    _check(x_SI, weight_EOI, bias_EO, offsets_E1)
-    segments, kept = _segments(offsets_E1, x_SI.shape[0])
+    check_grouped_weights(OP, x_SI, weight_EOI, bias_EO, offsets_E1)
+    segments, kept = expert_segments(OP, offsets_E1, x_SI.shape[0])
     y_SO = x_SI.new_empty((x_SI.shape[0], weight_EOI.shape[1]))
     y_SO[kept:].zero_()
     for e, a, b in segments:
@@ -67,7 +44,7 @@ def grouped_linear(x_SI: Tensor, weight_EOI: Tensor, bias_EO: Tensor | None, off
 
 @grouped_linear.register_fake
 def _(x_SI, weight_EOI, bias_EO, offsets_E1):
-    _check(x_SI, weight_EOI, bias_EO, offsets_E1)
+    check_grouped_weights(OP, x_SI, weight_EOI, bias_EO, offsets_E1)
     return x_SI.new_empty((x_SI.shape[0], weight_EOI.shape[1]))
 
 
@@ -76,7 +53,7 @@ def grouped_linear_backward(
     grad_y_SO: Tensor, x_SI: Tensor, weight_EOI: Tensor, offsets_E1: Tensor, need_x: bool, need_weight: bool, need_bias: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns ``(grad_x_SI, grad_weight_EOI, grad_bias_EO)``; a gradient not needed is an empty tensor."""
-    segments, kept = _segments(offsets_E1, x_SI.shape[0])
+    segments, kept = expert_segments(OP, offsets_E1, x_SI.shape[0])
     # Only what no segment writes is zeroed: dropped rows, and experts that got no rows.
     grad_x_SI = torch.empty_like(x_SI) if need_x else x_SI.new_empty(0)
     grad_x_SI[kept:].zero_()

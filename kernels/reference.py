@@ -81,3 +81,15 @@ def unpermute(y_SD: Tensor, weights_TK: Tensor, row_slot: list[int]) -> Tensor:
         acc = sum(weights_TK[t, k].to(y_SD.dtype) * y_SD[row_of_slot[t * K + k]] for k in range(K))
         out.append(acc)
     return torch.stack(out)
+
+
+def gather_grouped_linear(x_TI: Tensor, weight_EOI: Tensor, bias_EO: Tensor | None, offsets: list[int], row_token: list[int]) -> Tensor:
+    """Gather the rows, then the grouped linear."""
+    return grouped_linear(torch.stack([x_TI[t] for t in row_token]), weight_EOI, bias_EO, offsets)
+
+
+def grouped_linear_combine(
+    h_SI: Tensor, weight_EOI: Tensor, bias_EO: Tensor | None, offsets: list[int], row_slot: list[int], weights_TK: Tensor
+) -> Tensor:
+    """The grouped linear (dropped rows give zeros), then the weighted combine."""
+    return unpermute(grouped_linear(h_SI, weight_EOI, bias_EO, offsets), weights_TK, row_slot)

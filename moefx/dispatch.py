@@ -30,7 +30,11 @@ class DispatchMeta:
 
 
 class LocalDispatcher:
-    """All experts live in this process: permute, then unpermute."""
+    """All experts live in this process: permute, then unpermute; or, for experts that read and
+    write token order themselves (``GroupedExperts.forward_tokens``), only the plan."""
+
+    def plan(self, experts_TK: Tensor, num_experts: int, capacity: int | None) -> DispatchMeta:
+        return DispatchMeta(*torch.ops.moefx.plan_dispatch(experts_TK, num_experts, capacity))
 
     def dispatch(
         self, x_TD: Tensor, experts_TK: Tensor, num_experts: int, capacity: int | None

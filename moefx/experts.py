@@ -67,6 +67,15 @@ class GroupedExperts(nn.Module):
         h_SH = torch.ops.moefx.grouped_linear(x_SD, self.in_proj, self.in_bias, offsets_E1)
         return torch.ops.moefx.grouped_linear(self.mid(h_SH), self.out_proj, self.out_bias, offsets_E1)
 
+    def forward_tokens(self, x_TD: Tensor, weights_TK: Tensor, row_slot_S: Tensor, offsets_E1: Tensor) -> Tensor:
+        """The experts' weighted sum per token, read from and written to token order: the gather is
+        fused into the first linear and the combine into the second, so no ``[T*K, D]`` copy exists."""
+        row_token_S = row_slot_S // weights_TK.shape[1]
+        h_SH = torch.ops.moefx.gather_grouped_linear(x_TD, self.in_proj, self.in_bias, offsets_E1, row_token_S)
+        return torch.ops.moefx.grouped_linear_combine(
+            self.mid(h_SH), self.out_proj, self.out_bias, offsets_E1, row_slot_S, weights_TK
+        )
+
 
 class DenseFFN(nn.Module):
     """A plain FFN of the same form as the experts; the always-on shared experts."""

@@ -7,6 +7,11 @@ Legend: T tokens, D model dim, H expert hidden dim, E experts, K top-k, S = T*K 
     x_SD ─▶ moefx::grouped_linear ─▶ act(gate)·up ─▶ moefx::grouped_linear ─▶ y_SD
     y_SD, weights_TK ─▶ moefx::unpermute ─▶ out_TD (+ shared experts)
 
+Local experts on CPU run the same computation fused, with no ``[S, D]`` buffer:
+
+    experts_TK ─▶ moefx::plan_dispatch ─▶ row_slot_S, offsets_E1
+    x_TD ─▶ moefx::gather_grouped_linear ─▶ act(gate)·up ─▶ moefx::grouped_linear_combine(weights_TK) ─▶ out_TD
+
 After each forward the layer keeps its routing (for ``aux_loss()``) and its token counts (for
 ``stats()``) as device tensors; nothing is copied to the host unless a caller asks.
 """
@@ -124,12 +129,16 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, D)
         routing = self.router(x_TD)
         capacity = self.config.capacity(x_TD.shape[0])
-        x_SD, meta = self.dispatcher.dispatch(x_TD, routing.experts_TK, self.config.num_experts, capacity)
-        y_SD = self.experts(x_SD, meta.offsets_E1)
         weights_TK = routing.weights_TK
         if self.config.routed_scale != 1.0:
             weights_TK = weights_TK * self.config.routed_scale
-        out_TD = self.dispatcher.combine(y_SD, weights_TK, meta)
+        if self._experts_read_tokens(x_TD):
+            meta = self.dispatcher.plan(routing.experts_TK, self.config.num_experts, capacity)
+            out_TD = self.experts.forward_tokens(x_TD, weights_TK, meta.row_slot_S, meta.offsets_E1)
+        else:
+            x_SD, meta = self.dispatcher.dispatch(x_TD, routing.experts_TK, self.config.num_experts, capacity)
+            y_SD = self.experts(x_SD, meta.offsets_E1)
+            out_TD = self.dispatcher.combine(y_SD, weights_TK, meta)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
         if not torch.compiler.is_exporting():  # an exported program has no module state to update
@@ -141,6 +150,14 @@ class MoE(nn.Module):
                 dropped=(meta.row_slot_S.shape[0] - offsets_E1[-1]).detach(),
             )
         return out_TD.view(x.shape)
+
+    def _experts_read_tokens(self, x_TD: Tensor) -> bool:
+        """Whether to run the fused path (``forward_tokens``): local experts on CPU. Elsewhere the
+        permuted path runs: expert parallelism moves rows between ranks, offloaded experts stream
+        one at a time, and on CUDA the grouped linear has sync-free Triton kernels that the fused
+        ops do not have yet."""
+        local = isinstance(self.dispatcher, LocalDispatcher) and isinstance(self.experts, GroupedExperts)
+        return local and x_TD.device.type == "cpu"
 
     def aux_loss(self) -> Tensor:
         """This layer's weighted router losses from its last forward (0-dim, differentiable)."""

@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moefx.kernels import FORWARD_OPS
 from moefx.offloaded_experts import is_offloaded
 
 FORMATS = ("pt2", "aoti", "tensorrt")
 # Left to PyTorch by TensorRT: its converters do not know them (a plugin per op would be the next step).
-MOEFX_OPS = tuple(f"torch.ops.moefx.{op}.default" for op in ("route", "permute", "grouped_linear", "unpermute", "all_to_all"))
+MOEFX_OPS = tuple(f"torch.ops.moefx.{op}.default" for op in FORWARD_OPS)
 
 
 class ExportError(RuntimeError):

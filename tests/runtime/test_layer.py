@@ -23,8 +23,13 @@ def _layer(**options):
     return moefx.MoE(d_model=6, d_hidden=10, dtype=torch.float64, **options).eval()
 
 
+@pytest.mark.parametrize("path", ["fused", "permuted"])
 @pytest.mark.parametrize("name", CONFIGS)
-def test_layer_matches_slow_loop_outputs_and_all_gradients(name):
+def test_layer_matches_slow_loop_outputs_and_all_gradients(name, path, monkeypatch):
+    """Both forms of the layer: on CPU it runs the fused ops; the permuted path is what GPUs and
+    expert parallelism run."""
+    if path == "permuted":
+        monkeypatch.setattr(moefx.MoE, "_experts_read_tokens", lambda self, x_TD: False)
     layer = _layer(**CONFIGS[name])
     # Large router weights spread tokens unevenly, so capacity bites and some experts may idle.
     with torch.no_grad():
