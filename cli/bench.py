@@ -3,7 +3,12 @@
 For each shape, on the same input and the same expert and router weights, it times one training
 step (forward, then ``out.backward(grad)`` with a fixed random ``grad``) of:
 
-  moefx          ``moefx.MoE`` (top-k gate over a softmax, renormalised, dropless)
+  moefx          ``moefx.MoE`` (top-k gate over a softmax, renormalised, dropless): the fused
+                 ops, gather in the first grouped linear and combine in the second
+  moefx_permuted the same layer on its permuted path (permute, grouped linear, unpermute),
+                 which expert parallelism runs
+  moefx_ref      on CUDA, the same layer with the Triton kernels switched off: the ops' default
+                 PyTorch implementations, one GEMM per expert (on CPU that is moefx itself)
   hf_eager       transformers' ``MixtralSparseMoeBlock`` with ``experts_implementation="eager"``
   hf_grouped_mm  the same block with ``experts_implementation="grouped_mm"``
   dense          a SwiGLU FFN of hidden size top_k * d_hidden: the same active FLOPs with no
@@ -26,6 +31,7 @@ Record the results in benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -37,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 import moefx
+from moefx.kernels.cuda_kernels import default_kernels
 
 
 @dataclass(frozen=True)
@@ -60,7 +67,8 @@ SHAPES = {
     "deepseek": Shape("deepseek", tokens=16384, d=7168, h=2048, experts=64, top_k=8),
 }
 DEFAULT_SHAPES = ("S1", "S2")
-IMPLS = ("moefx", "hf_eager", "hf_grouped_mm", "dense")
+IMPLS = ("moefx", "moefx_permuted", "moefx_ref", "hf_eager", "hf_grouped_mm", "dense")
+MOEFX_VARIANTS = ("moefx_permuted", "moefx_ref")  # share moefx's module
 HF_IMPLS = ("hf_eager", "hf_grouped_mm")
 # The layer's targets on CPU: dense/moefx at least this, and moefx faster than every transformers impl.
 CPU_RATIO_TARGETS = {"S1": 0.9, "S2": 0.75}
@@ -155,6 +163,12 @@ def grouped_mm_note(block: nn.Module, x: Tensor) -> str:
 
 def as_token_fn(module: nn.Module, impl: str, shape: Shape) -> Callable[[Tensor], Tensor]:
     """A function (tokens, d) -> (tokens, d); Mixtral takes (batch, seq, d) and may return a tuple."""
+    if impl in ("moefx", *MOEFX_VARIANTS):
+        def run_moefx(x_TD: Tensor) -> Tensor:
+            module.fused_experts = impl != "moefx_permuted"
+            return module(x_TD)
+
+        return run_moefx
     if impl not in HF_IMPLS:
         return module
 
@@ -173,7 +187,9 @@ def build_impls(shape: Shape, names: list[str], device, dtype) -> tuple[dict, li
     modules, skipped = {}, []
     for name in names:
         try:
-            if name == "moefx":
+            if name == "moefx_ref" and device.type != "cuda":
+                raise SkipImpl("on CPU the default ops are moefx's kernels: the moefx row")
+            if name in ("moefx", *MOEFX_VARIANTS):
                 module = reference
             elif name == "dense":
                 module = DenseSwiGLU(shape.d, shape.top_k * shape.h, device=device, dtype=dtype).train()
@@ -193,21 +209,28 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step(fn: Callable[[Tensor], Tensor], params: list[nn.Parameter], x: Tensor, grad: Tensor, device=None) -> float:
+def kernels_for(impl: str):
+    """The context a step of ``impl`` runs in: moefx_ref switches the Triton kernels off."""
+    return default_kernels() if impl == "moefx_ref" else contextlib.nullcontext()
+
+
+def step(fn: Callable[[Tensor], Tensor], params: list[nn.Parameter], x: Tensor, grad: Tensor, device=None,
+         impl: str = "") -> float:
     """One forward + backward; returns the forward's seconds (synchronised when ``device`` is given)."""
     for p in params:
         p.grad = None
     x.grad = None
-    start = time.perf_counter()
-    out = fn(x)
-    if device is not None:
-        sync(device)
-    forward = time.perf_counter() - start
-    out.backward(grad)
+    with kernels_for(impl):
+        start = time.perf_counter()
+        out = fn(x)
+        if device is not None:
+            sync(device)
+        forward = time.perf_counter() - start
+        out.backward(grad)
     return forward
 
 
-def timed_step(fn, params, x, grad, device) -> tuple[float, float, float | None]:
+def timed_step(fn, params, x, grad, device, impl: str = "") -> tuple[float, float, float | None]:
     """Milliseconds of one step and of its forward and, on CUDA, the step's peak MiB above what
     was allocated before it."""
     peak = None
@@ -218,7 +241,7 @@ def timed_step(fn, params, x, grad, device) -> tuple[float, float, float | None]
         baseline = torch.cuda.memory_allocated(device)
     sync(device)
     start = time.perf_counter()
-    forward = step(fn, params, x, grad, device)
+    forward = step(fn, params, x, grad, device, impl)
     sync(device)
     ms = (time.perf_counter() - start) * 1e3
     if device.type == "cuda":
@@ -238,7 +261,7 @@ def bench_shape(shape: Shape, names: list[str], args, device: torch.device, dtyp
         result = Result(shape.name, name)
         try:
             for _ in range(args.warmup):  # also the availability probe: a failure here skips the impl
-                step(fn, params, x, grad)
+                step(fn, params, x, grad, impl=name)
             sync(device)
         except Exception as e:  # noqa: BLE001  (any failure of a third-party impl is a skip, not a crash)
             first_line = next(iter(str(e).splitlines()), "")[:120]
@@ -250,7 +273,7 @@ def bench_shape(shape: Shape, names: list[str], args, device: torch.device, dtyp
 
     for _ in range(args.repeats):
         for name, (fn, params) in runners.items():
-            ms, forward_ms, peak = timed_step(fn, params, x, grad, device)
+            ms, forward_ms, peak = timed_step(fn, params, x, grad, device, name)
             results[name].times_ms.append(ms)
             results[name].forward_ms.append(forward_ms)
             if peak is not None:

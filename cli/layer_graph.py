@@ -1,7 +1,7 @@
 """The graph one MoE layer runs, for ``moefx inspect``: the layer is exported with a symbolic
 token count, and each op is listed with its output shapes in terms of ``T`` (tokens).
 
-    route → permute → grouped_linear → (activation) → grouped_linear → unpermute
+    route → plan_dispatch → gather_grouped_linear → (activation) → grouped_linear_combine
 """
 
 from __future__ import annotations

@@ -2,41 +2,66 @@
 
 Without triton (or on other devices) the ops keep their default implementation, which also runs
 on CUDA tensors (one GEMM per expert, after a device-to-host sync of the offsets). The Triton
-module is imported on the first CUDA call, so importing moefx never compiles anything.
+modules are imported on the first CUDA call, so importing moefx never compiles anything.
+``default_kernels()`` switches the Triton kernels off for a while: the benchmark's "reference ops".
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+from contextlib import ExitStack, contextmanager
+from typing import Iterator
 
 import torch
 
+from moefx.kernels import gather_grouped_linear, grouped_linear, grouped_linear_combine, route
 
-def register() -> bool:
-    """Register the CUDA kernels; False when triton is not installed."""
-    if importlib.util.find_spec("triton") is None:
+# op -> (Triton module, function): the function takes the op's arguments and returns its outputs.
+TRITON_KERNELS: dict[torch.library.CustomOpDef, tuple[str, str]] = {
+    grouped_linear.grouped_linear: ("triton_grouped_linear", "grouped_linear_forward"),
+    grouped_linear.grouped_linear_backward: ("triton_grouped_linear", "grouped_linear_backward"),
+    gather_grouped_linear.gather_grouped_linear: ("triton_fused_linear", "gather_grouped_linear_forward"),
+    gather_grouped_linear.gather_grouped_linear_backward: ("triton_fused_linear", "gather_grouped_linear_backward"),
+    grouped_linear_combine.grouped_linear_combine: ("triton_fused_linear", "grouped_linear_combine_forward"),
+    grouped_linear_combine.grouped_linear_combine_backward: ("triton_fused_linear", "grouped_linear_combine_backward"),
+    route.route: ("triton_route", "route"),
+}
+
+
+def _lazy(module: str, function: str):
+    def run(*args):
+        return getattr(importlib.import_module(f"moefx.kernels.{module}"), function)(*args)
+
+    return run
+
+
+def _route_triton(logits_TE, top_k, renormalize, softmax_first):
+    if logits_TE.dtype == torch.float64:  # the kernel computes in fp32; fp64 keeps its precision
+        return route.route_with_torch(logits_TE, top_k, renormalize, softmax_first)
+    return _lazy(*TRITON_KERNELS[route.route])(logits_TE, top_k, renormalize, softmax_first)
+
+
+def has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def register(device_type: str = "cuda") -> bool:
+    """Register the Triton kernels for ``device_type``; False when triton is not installed.
+    (Tests register them for "cpu" in a child process, where the interpreter runs them.)"""
+    if not has_triton():
         return False
-
-    @torch.library.register_kernel("moefx::grouped_linear", "cuda")
-    def _grouped_linear_cuda(x_SI, weight_EOI, bias_EO, offsets_E1):
-        from moefx.kernels.triton_grouped_linear import grouped_linear_forward
-
-        return grouped_linear_forward(x_SI, weight_EOI, bias_EO, offsets_E1)
-
-    @torch.library.register_kernel("moefx::grouped_linear_backward", "cuda")
-    def _grouped_linear_backward_cuda(grad_y_SO, x_SI, weight_EOI, offsets_E1, need_x, need_weight, need_bias):
-        from moefx.kernels.triton_grouped_linear import grouped_linear_backward
-
-        return grouped_linear_backward(grad_y_SO, x_SI, weight_EOI, offsets_E1, need_x, need_weight, need_bias)
-
-    @torch.library.register_kernel("moefx::route", "cuda")
-    def _route_cuda(logits_TE, top_k, renormalize, softmax_first):
-        if logits_TE.dtype == torch.float64:  # the kernel computes in fp32; fp64 keeps its precision
-            from moefx.kernels.route import route_with_torch
-
-            return route_with_torch(logits_TE, top_k, renormalize, softmax_first)
-        from moefx.kernels.triton_route import route
-
-        return route(logits_TE, top_k, renormalize, softmax_first)
-
+    for op, (module, function) in TRITON_KERNELS.items():
+        op.register_kernel(device_type)(_route_triton if op is route.route else _lazy(module, function))
     return True
+
+
+@contextmanager
+def default_kernels(device_type: str = "cuda") -> Iterator[None]:
+    """Within the block, tensors on ``device_type`` run the ops' default PyTorch implementations,
+    not Triton."""
+    with ExitStack() as stack:
+        if has_triton():  # otherwise nothing is registered, and the defaults run anyway
+            for op in TRITON_KERNELS:
+                stack.enter_context(op.set_kernel_enabled(device_type, enabled=False))
+        yield

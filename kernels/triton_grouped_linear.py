@@ -57,11 +57,11 @@ def outer_config(rows: int, out_features: int, in_features: int) -> TileConfig:
 
 @triton.jit
 def _segment_matmul_kernel(
-    a_ptr, b_ptr, bias_ptr, out_ptr, offsets_ptr,
+    a_ptr, b_ptr, bias_ptr, out_ptr, offsets_ptr, a_rows_ptr, out_rows_ptr, scale_ptr,
     S, N, E, K: tl.constexpr,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    BE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr, SCALE: tl.constexpr,
+    IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -80,10 +80,13 @@ def _segment_matmul_kernel(
         e_first = tl.sum(tl.where(experts == e, first_tile, 0), 0)
         rows = start + (tile - e_first) * BM + tl.arange(0, BM)
         row_ok = rows < end
+        a_rows = rows
+        if GATHER_A:  # the gather fused into the loads: row r reads a[a_rows[r]]
+            a_rows = tl.load(a_rows_ptr + rows, mask=row_ok, other=0)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BK):
             ks = k0 + tl.arange(0, BK)
-            a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
+            a = tl.load(a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak,
                         mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
             b = tl.load(b_ptr + e * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
                         mask=(ks[:, None] < K) & (cols[None, :] < N), other=0.0)
@@ -93,41 +96,63 @@ def _segment_matmul_kernel(
                 acc = tl.dot(a, b, acc)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + e * N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+        if SCALE:  # a per-row factor (the routing weight) in the epilogue
+            acc *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        out_rows = rows
+        if SCATTER_OUT:  # row r is stored at out[out_rows[r]] (a permutation: no two rows collide)
+            out_rows = tl.load(out_rows_ptr + rows, mask=row_ok, other=0)
+        tl.store(out_ptr + out_rows[:, None] * stride_om + cols[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & (cols[None, :] < N))
     else:
         # Spare programs zero the dropped rows [offsets[E], S), one row tile each.
         kept = tl.load(offsets_ptr + E)
         rows = kept + (tile - real_tiles) * BM + tl.arange(0, BM)
+        out_rows = rows
+        if SCATTER_OUT:
+            out_rows = tl.load(out_rows_ptr + rows, mask=rows < S, other=0)
         zeros = tl.zeros((BM, BN), dtype=out_ptr.dtype.element_ty)
-        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, zeros,
+        tl.store(out_ptr + out_rows[:, None] * stride_om + cols[None, :] * stride_on, zeros,
                  mask=(rows[:, None] < S) & (cols[None, :] < N))
 
 
-def segment_matmul(a_SK: Tensor, b_EKN: Tensor, bias_EN: Tensor | None, offsets_E1: Tensor) -> Tensor:
-    """``out[r] = a[r] @ b[e] (+ bias[e])`` per expert segment; ``b`` may be any strided view."""
-    S, K = a_SK.shape
+def segment_matmul(
+    a_MK: Tensor, b_EKN: Tensor, bias_EN: Tensor | None, offsets_E1: Tensor, *,
+    a_rows_S: Tensor | None = None, out_rows_S: Tensor | None = None, scale_S: Tensor | None = None,
+) -> Tensor:
+    """``out[r] = a[r] @ b[e] (+ bias[e])`` per expert segment; ``b`` may be any strided view.
+
+    Options, each fused into the kernel: ``a_rows_S`` gathers (row r reads ``a[a_rows_S[r]]``,
+    so ``a`` may have any number of rows), ``scale_S`` multiplies row r's result by
+    ``scale_S[r]``, and ``out_rows_S`` (a permutation of the S rows) stores row r at
+    ``out[out_rows_S[r]]``."""
+    K = a_MK.shape[1]
+    S = a_MK.shape[0] if a_rows_S is None else a_rows_S.shape[0]
     E, _, N = b_EKN.shape
-    out = a_SK.new_empty((S, N))
+    out = a_MK.new_empty((S, N))
     config = matmul_config(S, N, K)
     # Real tiles: at most cdiv(S, BM) + E; dropped-row tiles: at most cdiv(S, BM). One grid covers both.
     grid = (2 * triton.cdiv(S, config.BM) + E, triton.cdiv(N, config.BN))
+    unused = offsets_E1  # any tensor stands in for a pointer the kernel does not read
     _segment_matmul_kernel[grid](
-        a_SK, b_EKN, bias_EN.contiguous() if bias_EN is not None else a_SK, out, offsets_E1,
+        a_MK, b_EKN, bias_EN.contiguous() if bias_EN is not None else unused, out, offsets_E1,
+        unused if a_rows_S is None else a_rows_S, unused if out_rows_S is None else out_rows_S,
+        unused if scale_S is None else scale_S,
         S, N, E, K,
-        a_SK.stride(0), a_SK.stride(1), b_EKN.stride(0), b_EKN.stride(1), b_EKN.stride(2), out.stride(0), out.stride(1),
-        HAS_BIAS=bias_EN is not None, IEEE=a_SK.dtype == torch.float32, BM=config.BM, BN=config.BN, BK=config.BK, BE=triton.next_power_of_2(E),
-        num_warps=config.num_warps,
+        a_MK.stride(0), a_MK.stride(1), b_EKN.stride(0), b_EKN.stride(1), b_EKN.stride(2), out.stride(0), out.stride(1),
+        HAS_BIAS=bias_EN is not None, GATHER_A=a_rows_S is not None, SCATTER_OUT=out_rows_S is not None,
+        SCALE=scale_S is not None, IEEE=a_MK.dtype == torch.float32,
+        BM=config.BM, BN=config.BN, BK=config.BK, BE=triton.next_power_of_2(E), num_warps=config.num_warps,
     )
     return out
 
 
 @triton.jit
 def _segment_outer_kernel(
-    dy_ptr, x_ptr, offsets_ptr, dw_ptr, db_ptr,
+    dy_ptr, x_ptr, offsets_ptr, dw_ptr, db_ptr, dy_rows_ptr, x_rows_ptr, scale_ptr,
     O, I,
     stride_dym, stride_dyo, stride_xm, stride_xi, stride_dwe, stride_dwo, stride_dwi,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GATHER_DY: tl.constexpr, GATHER_X: tl.constexpr, SCALE: tl.constexpr,
+    IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     e = tl.program_id(0)
     pid_o = tl.program_id(1)
@@ -142,9 +167,16 @@ def _segment_outer_kernel(
     while r0 < end:  # data-dependent bounds: a while loop (the interpreter cannot range() over them)
         rows = r0 + tl.arange(0, BK)
         row_ok = rows < end
-        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + outs[None, :] * stride_dyo,
+        dy_rows, x_rows = rows, rows
+        if GATHER_DY:
+            dy_rows = tl.load(dy_rows_ptr + rows, mask=row_ok, other=0)
+        if GATHER_X:
+            x_rows = tl.load(x_rows_ptr + rows, mask=row_ok, other=0)
+        dy = tl.load(dy_ptr + dy_rows[:, None] * stride_dym + outs[None, :] * stride_dyo,
                      mask=row_ok[:, None] & (outs[None, :] < O), other=0.0)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + ins[None, :] * stride_xi,
+        if SCALE:  # per-row factor on dy (the routing weight), in the input dtype like dy itself
+            dy = (dy.to(tl.float32) * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]).to(dy.dtype)
+        x = tl.load(x_ptr + x_rows[:, None] * stride_xm + ins[None, :] * stride_xi,
                     mask=row_ok[:, None] & (ins[None, :] < I), other=0.0)
         if IEEE:
             acc = tl.dot(tl.trans(dy), x, acc, input_precision="ieee")
@@ -160,19 +192,29 @@ def _segment_outer_kernel(
             tl.store(db_ptr + e * O + outs, bias_acc.to(db_ptr.dtype.element_ty), mask=outs < O)
 
 
-def segment_outer(dy_SO: Tensor, x_SI: Tensor, offsets_E1: Tensor, num_experts: int, with_bias: bool) -> tuple[Tensor, Tensor | None]:
-    """``(dW [E, O, I], db [E, O] or None)``: per expert, its rows' ``dy^T @ x`` and ``sum dy``."""
-    S, O = dy_SO.shape
-    I = x_SI.shape[1]
-    dw = x_SI.new_empty((num_experts, O, I))
-    db = x_SI.new_empty((num_experts, O)) if with_bias else None
+def segment_outer(
+    dy_MO: Tensor, x_NI: Tensor, offsets_E1: Tensor, num_experts: int, with_bias: bool, *,
+    dy_rows_S: Tensor | None = None, x_rows_S: Tensor | None = None, scale_S: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """``(dW [E, O, I], db [E, O] or None)``: per expert, its rows' ``dy^T @ x`` and ``sum dy``.
+
+    Fused options: row r reads ``dy[dy_rows_S[r]]`` and ``x[x_rows_S[r]]`` (gathers), and its
+    ``dy`` is multiplied by ``scale_S[r]``."""
+    O, I = dy_MO.shape[1], x_NI.shape[1]
+    S = dy_MO.shape[0] if dy_rows_S is None else dy_rows_S.shape[0]
+    dw = x_NI.new_empty((num_experts, O, I))
+    db = x_NI.new_empty((num_experts, O)) if with_bias else None
     config = outer_config(S, O, I)
     grid = (num_experts, triton.cdiv(O, config.BM), triton.cdiv(I, config.BN))
+    unused = offsets_E1  # any tensor stands in for a pointer the kernel does not read
     _segment_outer_kernel[grid](
-        dy_SO, x_SI, offsets_E1, dw, db if db is not None else dw,
+        dy_MO, x_NI, offsets_E1, dw, db if db is not None else dw,
+        unused if dy_rows_S is None else dy_rows_S, unused if x_rows_S is None else x_rows_S,
+        unused if scale_S is None else scale_S,
         O, I,
-        dy_SO.stride(0), dy_SO.stride(1), x_SI.stride(0), x_SI.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
-        HAS_BIAS=with_bias, IEEE=x_SI.dtype == torch.float32, BM=config.BM, BN=config.BN, BK=config.BK, num_warps=config.num_warps,
+        dy_MO.stride(0), dy_MO.stride(1), x_NI.stride(0), x_NI.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
+        HAS_BIAS=with_bias, GATHER_DY=dy_rows_S is not None, GATHER_X=x_rows_S is not None, SCALE=scale_S is not None,
+        IEEE=x_NI.dtype == torch.float32, BM=config.BM, BN=config.BN, BK=config.BK, num_warps=config.num_warps,
     )
     return dw, db
 

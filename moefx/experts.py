@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 import moefx.kernels  # noqa: F401  (registers torch.ops.moefx)
+from moefx.dispatch import DispatchMeta
 
 
 def _init_linear_(weight: Tensor, bias: Tensor | None) -> None:
@@ -67,11 +68,13 @@ class GroupedExperts(nn.Module):
         h_SH = torch.ops.moefx.grouped_linear(x_SD, self.in_proj, self.in_bias, offsets_E1)
         return torch.ops.moefx.grouped_linear(self.mid(h_SH), self.out_proj, self.out_bias, offsets_E1)
 
-    def forward_tokens(self, x_TD: Tensor, weights_TK: Tensor, row_slot_S: Tensor, offsets_E1: Tensor) -> Tensor:
+    def forward_tokens(self, x_TD: Tensor, weights_TK: Tensor, meta: DispatchMeta) -> Tensor:
         """The experts' weighted sum per token, read from and written to token order: the gather is
         fused into the first linear and the combine into the second, so no ``[T*K, D]`` copy exists."""
-        row_token_S = row_slot_S // weights_TK.shape[1]
-        h_SH = torch.ops.moefx.gather_grouped_linear(x_TD, self.in_proj, self.in_bias, offsets_E1, row_token_S)
+        offsets_E1, row_slot_S = meta.offsets_E1, meta.row_slot_S
+        h_SH = torch.ops.moefx.gather_grouped_linear(
+            x_TD, self.in_proj, self.in_bias, offsets_E1, row_slot_S, meta.slot_row_S
+        )
         return torch.ops.moefx.grouped_linear_combine(
             self.mid(h_SH), self.out_proj, self.out_bias, offsets_E1, row_slot_S, weights_TK
         )

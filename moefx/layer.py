@@ -7,7 +7,8 @@ Legend: T tokens, D model dim, H expert hidden dim, E experts, K top-k, S = T*K 
     x_SD ─▶ moefx::grouped_linear ─▶ act(gate)·up ─▶ moefx::grouped_linear ─▶ y_SD
     y_SD, weights_TK ─▶ moefx::unpermute ─▶ out_TD (+ shared experts)
 
-Local experts on CPU run the same computation fused, with no ``[S, D]`` buffer:
+Local experts run the same computation fused, with no ``[S, D]`` buffer (the permuted path is
+for expert parallelism and offloaded experts):
 
     experts_TK ─▶ moefx::plan_dispatch ─▶ row_slot_S, offsets_E1
     x_TD ─▶ moefx::gather_grouped_linear ─▶ act(gate)·up ─▶ moefx::grouped_linear_combine(weights_TK) ─▶ out_TD
@@ -80,6 +81,8 @@ class MoE(nn.Module):
                 config.d_model, config.num_shared_experts * config.d_hidden, shared_mid, config.bias, **factory
             )
         self.dispatcher = LocalDispatcher()
+        # Local experts run the fused ops; False runs the permuted path instead (same results).
+        self.fused_experts = True
         self._last_routing: Routing | None = None
         self._last_stats: MoEStats | None = None
 
@@ -132,9 +135,9 @@ class MoE(nn.Module):
         weights_TK = routing.weights_TK
         if self.config.routed_scale != 1.0:
             weights_TK = weights_TK * self.config.routed_scale
-        if self._experts_read_tokens(x_TD):
+        if self._experts_read_tokens():
             meta = self.dispatcher.plan(routing.experts_TK, self.config.num_experts, capacity)
-            out_TD = self.experts.forward_tokens(x_TD, weights_TK, meta.row_slot_S, meta.offsets_E1)
+            out_TD = self.experts.forward_tokens(x_TD, weights_TK, meta)
         else:
             x_SD, meta = self.dispatcher.dispatch(x_TD, routing.experts_TK, self.config.num_experts, capacity)
             y_SD = self.experts(x_SD, meta.offsets_E1)
@@ -151,13 +154,12 @@ class MoE(nn.Module):
             )
         return out_TD.view(x.shape)
 
-    def _experts_read_tokens(self, x_TD: Tensor) -> bool:
-        """Whether to run the fused path (``forward_tokens``): local experts on CPU. Elsewhere the
-        permuted path runs: expert parallelism moves rows between ranks, offloaded experts stream
-        one at a time, and on CUDA the grouped linear has sync-free Triton kernels that the fused
-        ops do not have yet."""
+    def _experts_read_tokens(self) -> bool:
+        """Whether to run the fused path (``forward_tokens``): experts local to this process, in
+        stacked weights. Expert parallelism moves rows between ranks and offloaded experts stream
+        one at a time, so both take the permuted path."""
         local = isinstance(self.dispatcher, LocalDispatcher) and isinstance(self.experts, GroupedExperts)
-        return local and x_TD.device.type == "cpu"
+        return local and self.fused_experts
 
     def aux_loss(self) -> Tensor:
         """This layer's weighted router losses from its last forward (0-dim, differentiable)."""

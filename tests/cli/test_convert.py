@@ -116,10 +116,13 @@ def test_dtype_casts_the_written_weights(tmp_path):
 def test_bench_runs_the_layer_benchmark(tmp_path):
     result = run(
         "bench", "--tokens", "64", "--d", "16", "--h", "32", "--experts", "4", "--top-k", "2",
-        "--impls", "moefx", "dense", "--repeats", "1", "--warmup", "0", cwd=tmp_path,
+        "--impls", "moefx", "moefx_permuted", "moefx_ref", "dense", "--repeats", "1", "--warmup", "0", cwd=tmp_path,
     )
     assert result.code == 0, result.err
-    assert "T=64 d=16 h=32 E=4 k=2" in result.out and "moefx" in result.out and "dense" in result.out
+    rows = {line.split()[1]: line for line in result.out.splitlines() if line.startswith("custom ")}
+    assert "T=64 d=16 h=32 E=4 k=2" in result.out and set(rows) == {"moefx", "moefx_permuted", "moefx_ref", "dense"}
+    assert "skipped: on CPU the default ops are moefx's kernels" in rows["moefx_ref"]
+    assert "skipped" not in rows["moefx_permuted"]
 
 
 @pytest.mark.parametrize("existing", [False, True])

@@ -17,7 +17,7 @@ import moefx
 from moefx.lowering import ExportError
 from tests.cli.helpers import EXAMPLES, ROOT, moefx as run
 
-MOEFX_OPS = {"route", "plan_dispatch", "gather_grouped_linear", "grouped_linear_combine"}  # the CPU (fused) path
+MOEFX_OPS = {"route", "plan_dispatch", "gather_grouped_linear", "grouped_linear_combine"}  # a local layer runs the fused ops
 HAS_TENSORRT = torch.cuda.is_available() and importlib.util.find_spec("torch_tensorrt") is not None
 
 

@@ -13,7 +13,7 @@ from moefx.cli.layer_graph import layer_graph
 from moefx.cli.views import Candidate, graph_table, module_tree
 from tests.cli.helpers import EXAMPLES, moefx as run
 
-MOE_OPS = ["moefx::route", "moefx::permute", "moefx::grouped_linear", "moefx::grouped_linear", "moefx::unpermute"]
+MOE_OPS = ["moefx::route", "moefx::plan_dispatch", "moefx::gather_grouped_linear", "moefx::grouped_linear_combine"]
 
 
 def _moefx_ops(ops: list[str]) -> list[str]:
@@ -35,8 +35,9 @@ def test_json_lists_every_candidate_and_the_layer_graph(tmp_path):
     assert _moefx_ops([s["op"] for s in graph]) == MOE_OPS
     by_op = {s["op"]: s for s in graph}
     assert by_op["moefx::route"]["shapes"] == ["(T, 2)", "(T, 2)", "(4,)"]
-    assert by_op["moefx::permute"]["shapes"][0] == "(2*T, 128)"
-    assert by_op["moefx::unpermute"]["shapes"] == ["(T, 128)"]
+    assert by_op["moefx::plan_dispatch"]["shapes"] == ["(2*T,)", "(2*T,)", "(5,)"]
+    assert by_op["moefx::gather_grouped_linear"]["shapes"] == ["(2*T, 512)"]  # gate and up: 2 x 256
+    assert by_op["moefx::grouped_linear_combine"]["shapes"] == ["(T, 128)"]
     assert any(s["op"] == "aten::silu" for s in graph)
 
 
@@ -80,4 +81,4 @@ def test_recorded_console_tree_and_graph():
     assert "0 Sequential" in text and "0 MoE(experts=2, top_k=1, d_hidden=32" in text and "converted: mlp 8→32" in text
     assert "3 Linear  rejected: d→h→d'" in text
     assert "2 Folded (computed by 0.0)" in text
-    assert "moefx::route" in text and "(T, 1)" in text and "moefx::unpermute" in text
+    assert "moefx::route" in text and "(T, 1)" in text and "moefx::grouped_linear_combine" in text

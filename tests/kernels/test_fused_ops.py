@@ -15,9 +15,11 @@ CAPACITIES = [None, 0, 1, 3]
 
 
 def _layout(experts, E, capacity):
-    """The reference layout, as the ops take it: (row_slot, offsets) tensors and lists."""
+    """The reference layout, as the ops take it: (row_slot, slot_row, offsets) tensors, and lists."""
     row_slot, offsets = reference.dispatch_layout(experts, E, capacity)
-    return torch.tensor(row_slot), torch.tensor(offsets), row_slot, offsets
+    slot_row = torch.empty(len(row_slot), dtype=torch.long)
+    slot_row[torch.tensor(row_slot)] = torch.arange(len(row_slot))
+    return torch.tensor(row_slot), slot_row, torch.tensor(offsets), row_slot, offsets
 
 
 def _grads(out, leaves, grad):
@@ -46,7 +48,7 @@ def test_plan_dispatch_is_the_permute_layout(case, T, E, K, kind, capacity):
 @pytest.mark.parametrize("bias", [True, False])
 def test_gather_grouped_linear_matches_reference(case, T, E, K, kind, capacity, bias):
     experts = choices(kind, T, E, K)
-    row_slot, offsets, row_slot_list, offsets_list = _layout(experts, E, capacity)
+    row_slot, slot_row, offsets, row_slot_list, offsets_list = _layout(experts, E, capacity)
     I, O = 5, 3
     leaves = [torch.randn(T, I, dtype=torch.float64, requires_grad=True),
               torch.randn(E, O, I, dtype=torch.float64, requires_grad=True)]
@@ -55,7 +57,7 @@ def test_gather_grouped_linear_matches_reference(case, T, E, K, kind, capacity, 
     ref = _clones(leaves)
     b, ref_b = (leaves[2], ref[2]) if bias else (None, None)
 
-    y = torch.ops.moefx.gather_grouped_linear(leaves[0], leaves[1], b, offsets, row_slot // K)
+    y = torch.ops.moefx.gather_grouped_linear(leaves[0], leaves[1], b, offsets, row_slot, slot_row)
     want = reference.gather_grouped_linear(ref[0], ref[1], ref_b, offsets_list, [s // K for s in row_slot_list])
     torch.testing.assert_close(y, want)
     grad = torch.randn_like(y)
@@ -68,7 +70,7 @@ def test_gather_grouped_linear_matches_reference(case, T, E, K, kind, capacity, 
 @pytest.mark.parametrize("bias", [True, False])
 def test_grouped_linear_combine_matches_reference(case, T, E, K, kind, capacity, bias):
     experts = choices(kind, T, E, K)
-    row_slot, offsets, row_slot_list, offsets_list = _layout(experts, E, capacity)
+    row_slot, _, offsets, row_slot_list, offsets_list = _layout(experts, E, capacity)
     I, O = 4, 6
     leaves = [torch.randn(T * K, I, dtype=torch.float64, requires_grad=True),
               torch.randn(E, O, I, dtype=torch.float64, requires_grad=True),
@@ -88,10 +90,10 @@ def test_grouped_linear_combine_matches_reference(case, T, E, K, kind, capacity,
 
 def test_fused_ops_skip_choices_sent_to_the_nowhere_expert():
     experts = torch.tensor([[0, 3], [1, 3], [1, 0]])  # expert 3 == num_experts: skipped choices
-    row_slot, _, offsets = torch.ops.moefx.plan_dispatch(experts, 3, None)
+    row_slot, slot_row, offsets = torch.ops.moefx.plan_dispatch(experts, 3, None)
     x, weights = torch.randn(3, 4, dtype=torch.float64), torch.rand(3, 2, dtype=torch.float64)
     w, v = torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(3, 4, 5, dtype=torch.float64)
-    h = torch.ops.moefx.gather_grouped_linear(x, w, None, offsets, row_slot // 2)
+    h = torch.ops.moefx.gather_grouped_linear(x, w, None, offsets, row_slot, slot_row)
     assert offsets[-1] == 4 and not h[4:].any(), "rows of skipped choices are zero"
     out = torch.ops.moefx.grouped_linear_combine(h, v, None, offsets, row_slot, weights)
     torch.testing.assert_close(out[0], weights[0, 0] * (v[0] @ (w[0] @ x[0])))  # token 0: its expert-0 choice only
@@ -102,7 +104,7 @@ def test_fused_ops_skip_choices_sent_to_the_nowhere_expert():
 def test_fused_ops_opcheck_and_gradcheck(K, capacity):
     T, E = 9, 6
     experts = choices("random", T, E, K)
-    row_slot, _, offsets = torch.ops.moefx.plan_dispatch(experts, E, capacity)
+    row_slot, slot_row, offsets = torch.ops.moefx.plan_dispatch(experts, E, capacity)
     x = torch.randn(T, 4, dtype=torch.float64, requires_grad=True)
     w1 = torch.randn(E, 3, 4, dtype=torch.float64, requires_grad=True)
     b1 = torch.randn(E, 3, dtype=torch.float64, requires_grad=True)
@@ -111,9 +113,9 @@ def test_fused_ops_opcheck_and_gradcheck(K, capacity):
     weights = torch.rand(T, K, dtype=torch.float64, requires_grad=True)
     h = torch.randn(T * K, 3, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(torch.ops.moefx.plan_dispatch, (experts, E, capacity))
-    torch.library.opcheck(torch.ops.moefx.gather_grouped_linear, (x, w1, b1, offsets, row_slot // K))
+    torch.library.opcheck(torch.ops.moefx.gather_grouped_linear, (x, w1, b1, offsets, row_slot, slot_row))
     torch.library.opcheck(torch.ops.moefx.grouped_linear_combine, (h, w2, b2, offsets, row_slot, weights))
-    torch.autograd.gradcheck(lambda *a: torch.ops.moefx.gather_grouped_linear(*a, offsets, row_slot // K), (x, w1, b1))
+    torch.autograd.gradcheck(lambda *a: torch.ops.moefx.gather_grouped_linear(*a, offsets, row_slot, slot_row), (x, w1, b1))
     torch.autograd.gradcheck(
         lambda h, w, b, weights: torch.ops.moefx.grouped_linear_combine(h, w, b, offsets, row_slot, weights),
         (h, w2, b2, weights),
@@ -123,10 +125,10 @@ def test_fused_ops_opcheck_and_gradcheck(K, capacity):
 def test_fused_ops_compute_only_the_gradients_asked_for():
     """Frozen weights and inputs: each gradient alone is still right."""
     experts = choices("random", 7, 4, 2)
-    row_slot, _, offsets = torch.ops.moefx.plan_dispatch(experts, 4, None)
+    row_slot, slot_row, offsets = torch.ops.moefx.plan_dispatch(experts, 4, None)
     x = torch.randn(7, 5, dtype=torch.float64)
     w = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda w: torch.ops.moefx.gather_grouped_linear(x, w, None, offsets, row_slot // 2), (w,))
+    torch.autograd.gradcheck(lambda w: torch.ops.moefx.gather_grouped_linear(x, w, None, offsets, row_slot, slot_row), (w,))
     h = torch.randn(14, 3, dtype=torch.float64)
     v = torch.randn(4, 5, 3, dtype=torch.float64)
     weights = torch.rand(7, 2, dtype=torch.float64, requires_grad=True)
@@ -136,12 +138,12 @@ def test_fused_ops_compute_only_the_gradients_asked_for():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_ops_low_precision_close_to_fp32(dtype):
     experts = choices("random", 20, 4, 2)
-    row_slot, _, offsets = torch.ops.moefx.plan_dispatch(experts, 4, None)
+    row_slot, slot_row, offsets = torch.ops.moefx.plan_dispatch(experts, 4, None)
     x, w1, w2 = torch.randn(20, 16), torch.randn(4, 8, 16) / 4, torch.randn(4, 16, 8) / 3
     weights = torch.rand(20, 2)
 
     def run(cast):
-        h = torch.ops.moefx.gather_grouped_linear(cast(x), cast(w1), None, offsets, row_slot // 2)
+        h = torch.ops.moefx.gather_grouped_linear(cast(x), cast(w1), None, offsets, row_slot, slot_row)
         return torch.ops.moefx.grouped_linear_combine(h, cast(w2), None, offsets, row_slot, weights)
 
     got, want = run(lambda t: t.to(dtype)), run(lambda t: t)
@@ -150,11 +152,13 @@ def test_fused_ops_low_precision_close_to_fp32(dtype):
 
 
 def test_fused_ops_reject_bad_inputs():
-    offsets = torch.tensor([0, 2, 4])
-    with pytest.raises(ValueError, match=r"row_token must be a 1-D integer tensor.*torch.float32"):
-        torch.ops.moefx.gather_grouped_linear(torch.randn(3, 5), torch.randn(2, 4, 5), None, offsets, torch.zeros(4))
-    with pytest.raises(ValueError, match=r"\(3, 5\).*\(2, 4, 6\)"):
-        torch.ops.moefx.gather_grouped_linear(torch.randn(3, 5), torch.randn(2, 4, 6), None, offsets, torch.zeros(4, dtype=torch.long))
+    offsets, index = torch.tensor([0, 2, 4]), torch.arange(4)
+    with pytest.raises(ValueError, match=r"row_slot and slot_row must be 1-D integer tensors of T\*K entries for x of 3 tokens"):
+        torch.ops.moefx.gather_grouped_linear(torch.randn(3, 5), torch.randn(2, 4, 5), None, offsets, index, index)
+    with pytest.raises(ValueError, match=r"torch.float32 \(4,\)"):
+        torch.ops.moefx.gather_grouped_linear(torch.randn(2, 5), torch.randn(2, 4, 5), None, offsets, index.float(), index)
+    with pytest.raises(ValueError, match=r"\(2, 5\).*\(2, 4, 6\)"):
+        torch.ops.moefx.gather_grouped_linear(torch.randn(2, 5), torch.randn(2, 4, 6), None, offsets, index, index)
     with pytest.raises(ValueError, match=r"h \[T\*K, in\].*\(4, 5\), \(4,\) and \(3, 2\)"):
         torch.ops.moefx.grouped_linear_combine(
             torch.randn(4, 5), torch.randn(2, 4, 5), None, offsets, torch.arange(4), torch.rand(3, 2)

@@ -4,7 +4,7 @@ import torch
 
 import moefx
 
-# A local layer on CPU runs the fused ops (moefx.MoE._experts_read_tokens).
+# A local layer runs the fused ops (moefx.MoE._experts_read_tokens).
 MOEFX_OPS = {
     "moefx.route.default", "moefx.plan_dispatch.default", "moefx.gather_grouped_linear.default",
     "moefx.grouped_linear_combine.default",

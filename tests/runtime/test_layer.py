@@ -25,12 +25,11 @@ def _layer(**options):
 
 @pytest.mark.parametrize("path", ["fused", "permuted"])
 @pytest.mark.parametrize("name", CONFIGS)
-def test_layer_matches_slow_loop_outputs_and_all_gradients(name, path, monkeypatch):
-    """Both forms of the layer: on CPU it runs the fused ops; the permuted path is what GPUs and
-    expert parallelism run."""
-    if path == "permuted":
-        monkeypatch.setattr(moefx.MoE, "_experts_read_tokens", lambda self, x_TD: False)
+def test_layer_matches_slow_loop_outputs_and_all_gradients(name, path):
+    """Both forms of the layer: a local layer runs the fused ops; the permuted path is what
+    expert parallelism and offloaded experts run."""
     layer = _layer(**CONFIGS[name])
+    layer.fused_experts = path == "fused"
     # Large router weights spread tokens unevenly, so capacity bites and some experts may idle.
     with torch.no_grad():
         layer.router.weight.mul_(4)
