@@ -5,7 +5,8 @@ default (CPU) implementation; ``reference.py`` holds slow, obviously-right versi
 Device kernels (Triton on CUDA) register for their dispatch key beside the default. Call the ops
 through ``torch.ops.moefx``: route, permute, grouped_linear, unpermute, all_to_all (expert parallelism),
 and the fused forms a local layer runs: plan_dispatch (permute's layout alone),
-gather_grouped_linear (permute + grouped_linear) and grouped_linear_combine (grouped_linear + unpermute).
+gather_grouped_linear (permute + grouped_linear) and grouped_linear_combine (grouped_linear + unpermute);
+and swiglu, the gated SiLU between the two linears.
 """
 
 from moefx.kernels import (  # noqa: F401  (registers the ops)
@@ -16,6 +17,7 @@ from moefx.kernels import (  # noqa: F401  (registers the ops)
     permute,
     plan_dispatch,
     route,
+    swiglu,
     unpermute,
 )
 from moefx.kernels import cuda_kernels
@@ -23,7 +25,7 @@ from moefx.kernels import cuda_kernels
 # The ops a forward can contain, as ``torch.ops.moefx`` names (backward ops are not listed).
 FORWARD_OPS = (
     "route", "permute", "plan_dispatch", "grouped_linear", "gather_grouped_linear", "grouped_linear_combine",
-    "unpermute", "all_to_all",
+    "unpermute", "all_to_all", "swiglu",
 )
 
 cuda_kernels.register()

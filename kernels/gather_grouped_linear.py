@@ -88,13 +88,13 @@ def gather_grouped_linear_backward(
     if need_weight:  # experts without rows get zeros; the others are overwritten
         grad_weight_EOI = weight_EOI.new_zeros(weight_EOI.shape) if len(segments) < weight_EOI.shape[0] else torch.empty_like(weight_EOI)
     grad_bias_EO = weight_EOI.new_zeros(weight_EOI.shape[:2]) if need_bias else weight_EOI.new_empty(0)
-    scratch = x_TI.new_empty((largest_segment(segments), x_TI.shape[1]))
+    x_scratch, gx_scratch = (x_TI.new_empty((largest_segment(segments), x_TI.shape[1])) for _ in range(2))
     for e, a, b in segments:
         g, tokens = grad_y_SO[a:b], row_token_S[a:b]
         if need_x:
-            grad_x_TI.index_add_(0, tokens, torch.mm(g, weight_EOI[e]).to(acc_dtype))
+            grad_x_TI.index_add_(0, tokens, torch.mm(g, weight_EOI[e], out=gx_scratch[: b - a]).to(acc_dtype))
         if need_weight:
-            x_e = torch.index_select(x_TI, 0, tokens, out=scratch[: b - a])
+            x_e = torch.index_select(x_TI, 0, tokens, out=x_scratch[: b - a])
             torch.mm(g.t(), x_e, out=grad_weight_EOI[e])
         if need_bias:
             grad_bias_EO[e] = g.sum(0, dtype=at_least_fp32(g.dtype))

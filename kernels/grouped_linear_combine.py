@@ -58,14 +58,22 @@ def grouped_linear_combine(
     acc_dtype = at_least_fp32(h_SI.dtype, weights_TK.dtype)
     tokens_S, w_S = _row_tokens_and_weights(row_slot_S, weights_TK, kept, acc_dtype)
     out_TO = h_SI.new_zeros((weights_TK.shape[0], weight_EOI.shape[1]), dtype=acc_dtype)
-    scratch = h_SI.new_empty((largest_segment(segments), weight_EOI.shape[1]))
+    rows = largest_segment(segments)
+    y_scratch = h_SI.new_empty((rows, weight_EOI.shape[1]))
+    # w * (h @ W^T) = (w * h) @ W^T: without a bias, the routing weight scales the narrower side.
+    scale_input = bias_EO is None and h_SI.shape[1] < weight_EOI.shape[1]
+    h_scratch = h_SI.new_empty((rows, h_SI.shape[1])) if scale_input else None
     for e, a, b in segments:
-        y_e = scratch[: b - a]
+        y_e, w_e = y_scratch[: b - a], w_S[a:b, None]
+        if scale_input:
+            torch.mm(torch.mul(h_SI[a:b], w_e, out=h_scratch[: b - a]), weight_EOI[e].t(), out=y_e)
+            out_TO.index_add_(0, tokens_S[a:b], y_e.to(acc_dtype))
+            continue
         if bias_EO is None:
             torch.mm(h_SI[a:b], weight_EOI[e].t(), out=y_e)
         else:
             torch.addmm(bias_EO[e], h_SI[a:b], weight_EOI[e].t(), out=y_e)
-        out_TO.index_add_(0, tokens_S[a:b], y_e.to(acc_dtype).mul_(w_S[a:b, None]))
+        out_TO.index_add_(0, tokens_S[a:b], y_e.to(acc_dtype).mul_(w_e))
     return out_TO.to(h_SI.dtype)
 
 

@@ -18,41 +18,20 @@ The in-features loop bound is a ``constexpr`` (one compile per feature size, and
 pipeline the loop); the row loop of ``segment_outer`` depends on the offsets, so it is a
 ``while`` loop, which Triton does not pipeline: a place to tune on a GPU.
 
-Accumulation is fp32 whatever the input dtype. Tile sizes are chosen per shape by
-``matmul_config``/``outer_config`` (named functions, so tuning stays in one place); the CUDA
-registration lives in ``moefx.kernels.triton_registration``. The kernels also run on CPU tensors
-under ``TRITON_INTERPRET=1``, which is how CI tests them.
+Accumulation is fp32 whatever the input dtype. Tile sizes: ``moefx.kernels.triton_tuning``
+(candidates per kernel, timed on the GPU once per shape). The CUDA registration lives in
+``moefx.kernels.cuda_kernels``. The kernels also run on CPU tensors under ``TRITON_INTERPRET=1``,
+which is how CI tests them.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-
-@dataclass(frozen=True)
-class TileConfig:
-    BM: int
-    BN: int
-    BK: int
-    num_warps: int = 4
-
-
-def matmul_config(rows: int, out_features: int, in_features: int) -> TileConfig:
-    """Tiles for ``segment_matmul``: small row tiles waste less on partial tiles at expert edges."""
-    if out_features >= 128 and in_features >= 64 and rows >= 1024:
-        return TileConfig(64, 128, 64, 8)
-    return TileConfig(32, 64, 32, 4)
-
-
-def outer_config(rows: int, out_features: int, in_features: int) -> TileConfig:
-    if out_features >= 128 and in_features >= 128:
-        return TileConfig(64, 128, 64, 8)  # BM, BN tile dW; BK is the row chunk
-    return TileConfig(32, 32, 32, 4)
+from moefx.kernels.triton_tuning import TILES, TileConfig, can_time, matmul_candidates, outer_candidates, rows_bucket
 
 
 @triton.jit
@@ -129,20 +108,25 @@ def segment_matmul(
     S = a_MK.shape[0] if a_rows_S is None else a_rows_S.shape[0]
     E, _, N = b_EKN.shape
     out = a_MK.new_empty((S, N))
-    config = matmul_config(S, N, K)
-    # Real tiles: at most cdiv(S, BM) + E; dropped-row tiles: at most cdiv(S, BM). One grid covers both.
-    grid = (2 * triton.cdiv(S, config.BM) + E, triton.cdiv(N, config.BN))
     unused = offsets_E1  # any tensor stands in for a pointer the kernel does not read
-    _segment_matmul_kernel[grid](
-        a_MK, b_EKN, bias_EN.contiguous() if bias_EN is not None else unused, out, offsets_E1,
-        unused if a_rows_S is None else a_rows_S, unused if out_rows_S is None else out_rows_S,
-        unused if scale_S is None else scale_S,
-        S, N, E, K,
-        a_MK.stride(0), a_MK.stride(1), b_EKN.stride(0), b_EKN.stride(1), b_EKN.stride(2), out.stride(0), out.stride(1),
-        HAS_BIAS=bias_EN is not None, GATHER_A=a_rows_S is not None, SCATTER_OUT=out_rows_S is not None,
-        SCALE=scale_S is not None, IEEE=a_MK.dtype == torch.float32,
-        BM=config.BM, BN=config.BN, BK=config.BK, BE=triton.next_power_of_2(E), num_warps=config.num_warps,
-    )
+    flags = dict(HAS_BIAS=bias_EN is not None, GATHER_A=a_rows_S is not None, SCATTER_OUT=out_rows_S is not None,
+                 SCALE=scale_S is not None, IEEE=a_MK.dtype == torch.float32)
+
+    def launch(config: TileConfig) -> None:
+        # Real tiles: at most cdiv(S, BM) + E; dropped-row tiles: at most cdiv(S, BM). One grid covers both.
+        grid = (2 * triton.cdiv(S, config.BM) + E, triton.cdiv(N, config.BN))
+        _segment_matmul_kernel[grid](
+            a_MK, b_EKN, bias_EN.contiguous() if bias_EN is not None else unused, out, offsets_E1,
+            unused if a_rows_S is None else a_rows_S, unused if out_rows_S is None else out_rows_S,
+            unused if scale_S is None else scale_S,
+            S, N, E, K,
+            a_MK.stride(0), a_MK.stride(1), b_EKN.stride(0), b_EKN.stride(1), b_EKN.stride(2), out.stride(0), out.stride(1),
+            **flags, BM=config.BM, BN=config.BN, BK=config.BK, BE=triton.next_power_of_2(E),
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+
+    key = ("matmul", N, K, E, rows_bucket(S), a_MK.dtype, b_EKN.stride(1) == 1, *flags.values())
+    launch(TILES.choose(key, matmul_candidates(S, N, K), launch, can_time(a_MK.device)))
     return out
 
 
@@ -204,18 +188,23 @@ def segment_outer(
     S = dy_MO.shape[0] if dy_rows_S is None else dy_rows_S.shape[0]
     dw = x_NI.new_empty((num_experts, O, I))
     db = x_NI.new_empty((num_experts, O)) if with_bias else None
-    config = outer_config(S, O, I)
-    grid = (num_experts, triton.cdiv(O, config.BM), triton.cdiv(I, config.BN))
     unused = offsets_E1  # any tensor stands in for a pointer the kernel does not read
-    _segment_outer_kernel[grid](
-        dy_MO, x_NI, offsets_E1, dw, db if db is not None else dw,
-        unused if dy_rows_S is None else dy_rows_S, unused if x_rows_S is None else x_rows_S,
-        unused if scale_S is None else scale_S,
-        O, I,
-        dy_MO.stride(0), dy_MO.stride(1), x_NI.stride(0), x_NI.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
-        HAS_BIAS=with_bias, GATHER_DY=dy_rows_S is not None, GATHER_X=x_rows_S is not None, SCALE=scale_S is not None,
-        IEEE=x_NI.dtype == torch.float32, BM=config.BM, BN=config.BN, BK=config.BK, num_warps=config.num_warps,
-    )
+    flags = dict(HAS_BIAS=with_bias, GATHER_DY=dy_rows_S is not None, GATHER_X=x_rows_S is not None,
+                 SCALE=scale_S is not None, IEEE=x_NI.dtype == torch.float32)
+
+    def launch(config: TileConfig) -> None:
+        grid = (num_experts, triton.cdiv(O, config.BM), triton.cdiv(I, config.BN))
+        _segment_outer_kernel[grid](
+            dy_MO, x_NI, offsets_E1, dw, db if db is not None else dw,
+            unused if dy_rows_S is None else dy_rows_S, unused if x_rows_S is None else x_rows_S,
+            unused if scale_S is None else scale_S,
+            O, I,
+            dy_MO.stride(0), dy_MO.stride(1), x_NI.stride(0), x_NI.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
+            **flags, BM=config.BM, BN=config.BN, BK=config.BK, num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+
+    key = ("outer", O, I, num_experts, rows_bucket(S), x_NI.dtype, *flags.values())
+    launch(TILES.choose(key, outer_candidates(S, O, I), launch, can_time(x_NI.device)))
     return dw, db
 
 

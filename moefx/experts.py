@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 import moefx.kernels  # noqa: F401  (registers torch.ops.moefx)
+from moefx.activations import computes_silu
 from moefx.dispatch import DispatchMeta
 
 
@@ -32,8 +33,11 @@ class ExpertMid(nn.Module):
     def __init__(self, activation: nn.Module, gated: bool) -> None:
         super().__init__()
         self.act, self.gated = activation, gated
+        self.swiglu = gated and computes_silu(activation)
 
     def forward(self, h: Tensor) -> Tensor:
+        if self.swiglu:
+            return torch.ops.moefx.swiglu(h)  # the same math, without a copy in the backward
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
             return self.act(gate) * up

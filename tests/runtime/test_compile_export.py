@@ -7,7 +7,7 @@ import moefx
 # A local layer runs the fused ops (moefx.MoE._experts_read_tokens).
 MOEFX_OPS = {
     "moefx.route.default", "moefx.plan_dispatch.default", "moefx.gather_grouped_linear.default",
-    "moefx.grouped_linear_combine.default",
+    "moefx.grouped_linear_combine.default", "moefx.swiglu.default",
 }
 
 

@@ -161,3 +161,31 @@ def test_shared_experts_add_a_dense_ffn():
     layer_with = _layer(num_experts=4, top_k=2, num_shared_experts=2)
     torch.testing.assert_close(layer_with(x), routed_out + shared_out)
     assert layer_with.shared_experts.out_proj.in_features == 2 * 10
+
+
+def test_gated_silu_runs_as_one_swiglu_op_whatever_module_computes_it():
+    from transformers.activations import SiLUActivation
+
+    from moefx.activations import computes_silu
+
+    assert computes_silu(torch.nn.SiLU()) and computes_silu(SiLUActivation())
+    assert computes_silu(torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Identity()))
+    assert not computes_silu(torch.nn.GELU())
+    mixed = torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Dropout(0.1).eval())  # a fresh container around eval pieces
+    assert not computes_silu(mixed), "dropout counts in training"
+    assert mixed.training and not mixed[1].training, "the probe leaves every module's mode as it was"
+    assert not computes_silu(torch.nn.Sequential(torch.nn.SiLU(), torch.nn.LayerNorm(4))), "a module with weights is not SiLU"
+    layer = moefx.MoE(d_model=6, d_hidden=10, num_experts=4, top_k=2, activation=SiLUActivation(), dtype=torch.float64)
+    generic = moefx.MoE(d_model=6, d_hidden=10, num_experts=4, top_k=2, activation="silu", dtype=torch.float64)
+    generic.load_state_dict(layer.state_dict())
+    generic.experts.mid.swiglu = False  # the same math through separate ops
+    x = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    program = torch.export.export(layer.eval(), (x,), strict=False)
+    assert "moefx.swiglu.default" in {str(n.target) for n in program.graph.nodes}
+    out, want = layer(x), generic(x)
+    torch.testing.assert_close(out, want)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, *layer.parameters()], grad)
+    expected = torch.autograd.grad(want, [x, *generic.parameters()], grad)
+    for g, w in zip(got, expected):
+        torch.testing.assert_close(g, w)
