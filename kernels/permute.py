@@ -39,10 +39,12 @@ def _check(x_TD: Tensor, experts_TK: Tensor, num_experts: int, capacity: int | N
         raise ValueError(f"moefx::permute: capacity={capacity} must be >= 0 or None (dropless)")
 
 
-def _histogram(values: Tensor, bins: int) -> Tensor:
-    """Counts of 0..bins-1, sized from ``bins`` alone (``bincount`` sizes its output from the
-    largest value, which on a GPU costs a device-to-host sync)."""
-    return torch.zeros(bins, dtype=torch.int64, device=values.device).index_add_(0, values, torch.ones_like(values))
+def _sorted_histogram(sorted_values: Tensor, bins: int) -> Tensor:
+    """Counts of 0..bins-1 in sorted values, from where each bin starts: sized by ``bins`` alone
+    (``bincount`` sizes its output from the largest value, a device-to-host sync on a GPU) and
+    with no atomics (deterministic)."""
+    edges = torch.searchsorted(sorted_values, torch.arange(bins + 1, device=sorted_values.device))
+    return edges.diff()
 
 
 def dispatch_layout(experts_TK: Tensor, num_experts: int, capacity: int | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -54,13 +56,13 @@ def dispatch_layout(experts_TK: Tensor, num_experts: int, capacity: int | None) 
     order_S = torch.argsort(expert_J, stable=True)
     expert_S = expert_J[order_S]
     if capacity is not None:
-        counts_E1 = _histogram(expert_S, E + 1)
+        counts_E1 = _sorted_histogram(expert_S, E + 1)
         starts_E1 = torch.cumsum(counts_E1, 0) - counts_E1
         rank_S = torch.arange(S, device=experts_TK.device) - starts_E1[expert_S]
         expert_S = torch.where(rank_S >= capacity, E, expert_S)
         resort_S = torch.argsort(expert_S, stable=True)
         order_S, expert_S = order_S[resort_S], expert_S[resort_S]
-    kept_E = _histogram(expert_S, E + 1)[:E]
+    kept_E = _sorted_histogram(expert_S, E + 1)[:E]
     offsets_E1 = torch.zeros(E + 1, dtype=torch.int64, device=experts_TK.device)
     torch.cumsum(kept_E, 0, out=offsets_E1[1:])
     row_slot_S = (order_S % T) * K + order_S // T
