@@ -154,6 +154,13 @@ class MoE(nn.Module):
             )
         return out_TD.view(x.shape)
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out the last forward's routing and counts: they hold autograd
+        history, which ``copy.deepcopy`` refuses, and describe a forward the copy never ran."""
+        state = dict(super().__getstate__())
+        state["_last_routing"] = state["_last_stats"] = None
+        return state
+
     def _experts_read_tokens(self) -> bool:
         """Whether to run the fused path (``forward_tokens``): experts local to this process, in
         stacked weights. Expert parallelism moves rows between ranks and offloaded experts stream

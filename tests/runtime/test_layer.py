@@ -189,3 +189,15 @@ def test_gated_silu_runs_as_one_swiglu_op_whatever_module_computes_it():
     expected = torch.autograd.grad(want, [x, *generic.parameters()], grad)
     for g, w in zip(got, expected):
         torch.testing.assert_close(g, w)
+
+
+def test_deepcopy_after_a_training_step_copies_the_layer_without_its_last_forward():
+    import copy
+
+    layer = _layer(num_experts=4, top_k=2).train()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    layer(x).sum().backward()  # the layer now holds routing with autograd history
+    twin = copy.deepcopy(layer)
+    assert twin._last_routing is None and layer._last_routing is not None
+    torch.testing.assert_close(twin(x), layer(x))
+    assert twin.experts.in_proj is not layer.experts.in_proj
