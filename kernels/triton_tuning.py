@@ -2,8 +2,9 @@
 cached per shape.
 
 On a GPU, the first call for a shape times every candidate (one warm-up launch, which also
-compiles it, then the median of a few launches between CUDA events) and keeps the fastest; later
-calls with that shape reuse it. A shape is the kernel, its flags, the feature sizes, the dtype,
+compiles it, then the median of a few launches between CUDA events) and keeps the fastest; a
+candidate that fails (a tile needing more shared memory than the GPU has) is passed over. Later
+calls with that shape reuse the choice. A shape is the kernel, its flags, the feature sizes, the dtype,
 the number of experts and the row count rounded up to a power of two (token counts vary from
 step to step). Where nothing can be timed (the interpreter on CPU, or while a CUDA graph is
 being captured) the first candidate, a rule of thumb for the shape, runs untimed.
@@ -77,7 +78,15 @@ class ConfigCache:
             return self.chosen[key]
         if not timed or len(candidates) == 1:
             return candidates[0]
-        times = [self.measure(lambda c=c: launch(c)) for c in candidates]
+        times, failures = [], []
+        for config in candidates:
+            try:
+                times.append(self.measure(lambda c=config: launch(c)))
+            except Exception as e:  # noqa: BLE001  (e.g. a tile that needs more shared memory than the GPU has)
+                times.append(float("inf"))
+                failures.append(e)
+        if len(failures) == len(candidates):
+            raise failures[0]
         self.chosen[key] = candidates[times.index(min(times))]
         return self.chosen[key]
 

@@ -35,6 +35,20 @@ def test_the_fastest_candidate_is_chosen_once_per_key():
     assert cache.choose("b", CANDIDATES, clock.launch, timed=True) == CANDIDATES[2]  # another shape, its own choice
 
 
+def test_a_candidate_that_fails_is_passed_over_unless_all_fail():
+    clock = FakeClock({CANDIDATES[0]: 3.0, CANDIDATES[2]: 2.0})  # CANDIDATES[1] has no time: it fails
+
+    def measure(run):
+        run()
+        if clock.launched[-1] not in clock.times:
+            raise RuntimeError("out of resources: shared memory")
+        return clock.times[clock.launched[-1]]
+
+    assert ConfigCache(measure=measure).choose("a", CANDIDATES, clock.launch, timed=True) == CANDIDATES[2]
+    with pytest.raises(RuntimeError, match="out of resources"):
+        ConfigCache(measure=measure).choose("b", CANDIDATES[1:2] * 2, clock.launch, timed=True)
+
+
 def test_untimed_calls_take_the_first_candidate_and_cache_nothing():
     clock = FakeClock({CANDIDATES[0]: 3.0, CANDIDATES[1]: 1.0, CANDIDATES[2]: 2.0})
     cache = ConfigCache(measure=clock.measure)
