@@ -8,10 +8,10 @@ holds slot ``t*K + k``, so its token is ``row_slot_S[r] // K``; K is ``S / T``).
     y_SO[r] = 0                                                          for r >= offsets[E] (dropped rows)
 
 It equals ``moefx::permute`` followed by ``moefx::grouped_linear``, without the permuted
-``[S, I]`` copy of the input: each expert gathers its
-rows into a scratch buffer that stays in cache, and the buffer is reused by the next expert
-(ScatterMoE fuses the gather into the GEMM's loads the same way). At top-8 that copy is eight
-times the input; writing it and reading it back cost more than the gather itself on CPU.
+``[S, I]`` copy of the input: each expert gathers its rows into a scratch buffer that stays in
+cache, and the buffer is reused by the next expert (the Triton kernel gathers in the GEMM's
+loads, as ScatterMoE does). At top-8 that copy is eight times the input; writing it and reading
+it back cost more than the gather itself on CPU.
 
 Backward: dX sums each row's gradient back into its token (on CPU ``index_add_``, expert by
 expert: deterministic, and a token appears at most once per expert; device kernels gather the
