@@ -17,10 +17,10 @@ import torch
 
 from moefx.kernels import gather_grouped_linear, grouped_linear, grouped_linear_combine, route
 
-# op -> (Triton module, function): the function takes the op's arguments and returns its outputs.
+# op -> (module, function): the function takes the op's arguments and returns its outputs.
 TRITON_KERNELS: dict[torch.library.CustomOpDef, tuple[str, str]] = {
-    grouped_linear.grouped_linear: ("triton_grouped_linear", "grouped_linear_forward"),
-    grouped_linear.grouped_linear_backward: ("triton_grouped_linear", "grouped_linear_backward"),
+    grouped_linear.grouped_linear: ("grouped_linear_backends", "forward"),  # Triton or torch._grouped_mm
+    grouped_linear.grouped_linear_backward: ("grouped_linear_backends", "backward"),
     gather_grouped_linear.gather_grouped_linear: ("triton_fused_linear", "gather_grouped_linear_forward"),
     gather_grouped_linear.gather_grouped_linear_backward: ("triton_fused_linear", "gather_grouped_linear_backward"),
     grouped_linear_combine.grouped_linear_combine: ("triton_fused_linear", "grouped_linear_combine_forward"),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Callable, Hashable
+from typing import Any, Callable, Hashable
 
 import torch
 
@@ -63,15 +63,16 @@ def cuda_milliseconds(launch: Callable[[], None], repeats: int = 3) -> float:
 
 
 class ConfigCache:
-    """The chosen configuration per shape key. ``measure`` times one candidate's launch."""
+    """The chosen candidate per shape key (a ``TileConfig``, or any hashable choice such as a
+    backend's name). ``measure`` times one candidate's launch."""
 
     def __init__(self, measure: Callable[[Callable[[], None]], float] = cuda_milliseconds) -> None:
         self.measure = measure
-        self.chosen: dict[Hashable, TileConfig] = {}
+        self.chosen: dict[Hashable, Hashable] = {}
 
     def choose(
-        self, key: Hashable, candidates: tuple[TileConfig, ...], launch: Callable[[TileConfig], None], timed: bool
-    ) -> TileConfig:
+        self, key: Hashable, candidates: tuple, launch: Callable[[Any], object], timed: bool
+    ) -> Any:
         """The configuration for ``key``; ``launch(config)`` runs the kernel with it (it must be
         safe to run repeatedly). Untimed, the first candidate is used and nothing is cached."""
         if key in self.chosen:
