@@ -1,9 +1,11 @@
-"""Triton kernels registered for the CUDA dispatch key of the moefx ops, when triton is installed.
+"""Kernels registered for the CUDA dispatch key of the moefx ops, when triton is installed: Triton
+kernels, and for the permuted grouped linear a per-shape choice between them and
+``torch._grouped_mm`` (``grouped_linear_backends``).
 
 Without triton (or on other devices) the ops keep their default implementation, which also runs
 on CUDA tensors (one GEMM per expert, after a device-to-host sync of the offsets). The Triton
 modules are imported on the first CUDA call, so importing moefx never compiles anything.
-``default_kernels()`` switches the Triton kernels off for a while: the benchmark's "reference ops".
+``default_kernels()`` switches these kernels off for a while: the benchmark's "reference ops".
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from moefx.kernels import gather_grouped_linear, grouped_linear, grouped_linear_combine, route
 
 # op -> (module, function): the function takes the op's arguments and returns its outputs.
-TRITON_KERNELS: dict[torch.library.CustomOpDef, tuple[str, str]] = {
+CUDA_KERNELS: dict[torch.library.CustomOpDef, tuple[str, str]] = {
     grouped_linear.grouped_linear: ("grouped_linear_backends", "forward"),  # Triton or torch._grouped_mm
     grouped_linear.grouped_linear_backward: ("grouped_linear_backends", "backward"),
     gather_grouped_linear.gather_grouped_linear: ("triton_fused_linear", "gather_grouped_linear_forward"),
@@ -39,7 +41,7 @@ def _lazy(module: str, function: str):
 def _route_triton(logits_TE, top_k, renormalize, softmax_first):
     if logits_TE.dtype == torch.float64:  # the kernel computes in fp32; fp64 keeps its precision
         return route.route_with_torch(logits_TE, top_k, renormalize, softmax_first)
-    return _lazy(*TRITON_KERNELS[route.route])(logits_TE, top_k, renormalize, softmax_first)
+    return _lazy(*CUDA_KERNELS[route.route])(logits_TE, top_k, renormalize, softmax_first)
 
 
 def has_triton() -> bool:
@@ -51,7 +53,7 @@ def register(device_type: str = "cuda") -> bool:
     (Tests register them for "cpu" in a child process, where the interpreter runs them.)"""
     if not has_triton():
         return False
-    for op, (module, function) in TRITON_KERNELS.items():
+    for op, (module, function) in CUDA_KERNELS.items():
         op.register_kernel(device_type)(_route_triton if op is route.route else _lazy(module, function))
     return True
 
@@ -62,6 +64,6 @@ def default_kernels(device_type: str = "cuda") -> Iterator[None]:
     not Triton."""
     with ExitStack() as stack:
         if has_triton():  # otherwise nothing is registered, and the defaults run anyway
-            for op in TRITON_KERNELS:
+            for op in CUDA_KERNELS:
                 stack.enter_context(op.set_kernel_enabled(device_type, enabled=False))
         yield

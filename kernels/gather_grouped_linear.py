@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from moefx.kernels.dtypes import at_least_fp32
-from moefx.kernels.segments import check_grouped_weights, expert_segments, largest_segment
+from moefx.kernels.segments import check_grouped_weights, expert_segments, largest_segment, weight_grad_buffer
 
 OP = "moefx::gather_grouped_linear"
 
@@ -84,9 +84,7 @@ def gather_grouped_linear_backward(
     row_token_S = row_slot_S // top_k_of(x_TI, row_slot_S)
     acc_dtype = at_least_fp32(x_TI.dtype)
     grad_x_TI = x_TI.new_zeros(x_TI.shape, dtype=acc_dtype) if need_x else x_TI.new_empty(0)
-    grad_weight_EOI = weight_EOI.new_empty(0)
-    if need_weight:  # experts without rows get zeros; the others are overwritten
-        grad_weight_EOI = weight_EOI.new_zeros(weight_EOI.shape) if len(segments) < weight_EOI.shape[0] else torch.empty_like(weight_EOI)
+    grad_weight_EOI = weight_grad_buffer(weight_EOI, segments) if need_weight else weight_EOI.new_empty(0)
     grad_bias_EO = weight_EOI.new_zeros(weight_EOI.shape[:2]) if need_bias else weight_EOI.new_empty(0)
     x_scratch, gx_scratch = (x_TI.new_empty((largest_segment(segments), x_TI.shape[1])) for _ in range(2))
     for e, a, b in segments:

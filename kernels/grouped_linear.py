@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from moefx.kernels.dtypes import at_least_fp32
-from moefx.kernels.segments import check_grouped_weights, expert_segments
+from moefx.kernels.segments import check_grouped_weights, expert_segments, weight_grad_buffer
 
 
 OP = "moefx::grouped_linear"
@@ -57,10 +57,7 @@ def grouped_linear_backward(
     # Only what no segment writes is zeroed: dropped rows, and experts that got no rows.
     grad_x_SI = torch.empty_like(x_SI) if need_x else x_SI.new_empty(0)
     grad_x_SI[kept:].zero_()
-    empty_experts = len(segments) < weight_EOI.shape[0]
-    grad_weight_EOI = weight_EOI.new_empty(0)
-    if need_weight:
-        grad_weight_EOI = torch.zeros_like(weight_EOI) if empty_experts else torch.empty_like(weight_EOI)
+    grad_weight_EOI = weight_grad_buffer(weight_EOI, segments) if need_weight else weight_EOI.new_empty(0)
     grad_bias_EO = weight_EOI.new_zeros(weight_EOI.shape[:2]) if need_bias else weight_EOI.new_empty(0)
     for e, a, b in segments:
         g = grad_y_SO[a:b]

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from moefx.kernels.dtypes import at_least_fp32
-from moefx.kernels.segments import check_grouped_weights, expert_segments, largest_segment
+from moefx.kernels.segments import check_grouped_weights, expert_segments, largest_segment, weight_grad_buffer
 
 OP = "moefx::grouped_linear_combine"
 
@@ -96,9 +96,7 @@ def grouped_linear_combine_backward(
     # Only what no segment writes is zeroed: dropped rows, and experts that got no rows.
     grad_h_SI = torch.empty_like(h_SI) if need_h else h_SI.new_empty(0)
     grad_h_SI[kept:].zero_()
-    grad_weight_EOI = weight_EOI.new_empty(0)
-    if need_weight:
-        grad_weight_EOI = weight_EOI.new_zeros(weight_EOI.shape) if len(segments) < weight_EOI.shape[0] else torch.empty_like(weight_EOI)
+    grad_weight_EOI = weight_grad_buffer(weight_EOI, segments) if need_weight else weight_EOI.new_empty(0)
     grad_bias_EO = weight_EOI.new_zeros(weight_EOI.shape[:2]) if need_bias else weight_EOI.new_empty(0)
     grad_w_S = h_SI.new_zeros(kept, dtype=acc_dtype) if need_weights else None
     g_scratch = grad_out_TO.new_empty((largest_segment(segments), weight_EOI.shape[1]))

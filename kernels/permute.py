@@ -33,10 +33,15 @@ def _check(x_TD: Tensor, experts_TK: Tensor, num_experts: int, capacity: int | N
             f"moefx::permute expects x [tokens, d] and experts [tokens, k] with the same tokens, "
             f"got {tuple(x_TD.shape)} and {tuple(experts_TK.shape)}"
         )
+    check_layout_args("moefx::permute", num_experts, capacity)
+
+
+def check_layout_args(op: str, num_experts: int, capacity: int | None) -> None:
+    """The arguments every op that builds the layout takes (permute, plan_dispatch)."""
     if num_experts < 1:
-        raise ValueError(f"moefx::permute: num_experts={num_experts} must be >= 1")
+        raise ValueError(f"{op}: num_experts={num_experts} must be >= 1")
     if capacity is not None and capacity < 0:
-        raise ValueError(f"moefx::permute: capacity={capacity} must be >= 0 or None (dropless)")
+        raise ValueError(f"{op}: capacity={capacity} must be >= 0 or None (dropless)")
 
 
 def _sorted_histogram(sorted_values: Tensor, bins: int) -> Tensor:

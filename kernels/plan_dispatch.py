@@ -12,16 +12,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moefx.kernels.permute import dispatch_layout
+from moefx.kernels.permute import check_layout_args, dispatch_layout
 
 
 def _check(experts_TK: Tensor, num_experts: int, capacity: int | None) -> None:
     if experts_TK.dim() != 2:
         raise ValueError(f"moefx::plan_dispatch expects experts [tokens, k], got shape {tuple(experts_TK.shape)}")
-    if num_experts < 1:
-        raise ValueError(f"moefx::plan_dispatch: num_experts={num_experts} must be >= 1")
-    if capacity is not None and capacity < 0:
-        raise ValueError(f"moefx::plan_dispatch: capacity={capacity} must be >= 0 or None (dropless)")
+    check_layout_args("moefx::plan_dispatch", num_experts, capacity)
 
 
 @torch.library.custom_op("moefx::plan_dispatch", mutates_args=())

@@ -32,9 +32,15 @@ def expert_segments(op: str, offsets_E1: Tensor, num_rows: int) -> tuple[list[tu
     if bounds[0] != 0 or bounds[-1] > num_rows or any(b < a for a, b in zip(bounds, bounds[1:])):
         raise ValueError(
             f"{op}: offsets {bounds} must start at 0, never decrease and end at most at "
-            f"the number of rows ({num_rows}); take them from moefx::permute"
+            f"the number of rows ({num_rows}); take them from moefx::permute or moefx::plan_dispatch"
         )
     return [(e, a, b) for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a], bounds[-1]
+
+
+def weight_grad_buffer(weight_EOI: Tensor, segments: list[tuple[int, int, int]]) -> Tensor:
+    """A buffer for dW that the per-segment GEMMs overwrite: zeroed only when some expert has no
+    rows (its gradient is zero and no GEMM writes it)."""
+    return torch.zeros_like(weight_EOI) if len(segments) < weight_EOI.shape[0] else torch.empty_like(weight_EOI)
 
 
 def largest_segment(segments: list[tuple[int, int, int]]) -> int:
