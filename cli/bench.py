@@ -24,6 +24,7 @@ Run it as ``moefx bench`` (or ``python benchmarks/bench_layer.py``, the same cod
     moefx bench                                           # S1 and S2
     moefx bench --shapes S2 --repeats 15 --json /tmp/bench.json
     moefx bench --tokens 8192 --experts 16 --top-k 4      # a custom shape
+    moefx bench --shapes S2 --processes 5                 # 5 fresh processes, and their median
 
 Record the results in benchmarks/RESULTS.md.
 """
@@ -35,6 +36,7 @@ import contextlib
 import json
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -319,20 +321,24 @@ def print_targets(shape: Shape, results: list[Result], device: torch.device) -> 
     if moefx_ms is None:
         print(f"{shape.name}: moefx did not run, no targets to check")
         return
-    checks = []
-    for hf in HF_IMPLS:
-        speedup = ratio(times.get(hf), moefx_ms)
-        if speedup is not None:
-            checks.append(f"{speedup:.3f}x vs {hf} [{'met' if speedup > 1 else 'MISSED'}]")
-    target = CPU_RATIO_TARGETS.get(shape.name)
-    dense_ratio = ratio(times.get("dense"), moefx_ms)
+    speedups = {hf: ratio(times.get(hf), moefx_ms) for hf in HF_IMPLS}
+    print(target_checks(shape.name, ratio(times.get("dense"), moefx_ms), speedups, device.type))
+
+
+def target_checks(shape: str, dense_ratio: float | None, speedups: dict[str, float | None], device_type: str) -> str:
+    """One line: moefx's speedup over each transformers impl and its dense/moefx against the CPU target."""
+    checks = [
+        f"{speedup:.3f}x vs {hf} [{'met' if speedup > 1 else 'MISSED'}]"
+        for hf, speedup in speedups.items() if speedup is not None
+    ]
+    target = CPU_RATIO_TARGETS.get(shape)
     if target is not None and dense_ratio is not None:
-        where = "" if device.type == "cpu" else " (a CPU target; this run is on " + device.type + ")"
+        where = "" if device_type == "cpu" else " (a CPU target; this run is on " + device_type + ")"
         verdict = "met" if dense_ratio >= target else "MISSED"
         checks.append(f"dense/moefx {dense_ratio:.3f} >= {target} [{verdict}]{where}")
     elif dense_ratio is not None:
         checks.append(f"dense/moefx {dense_ratio:.3f} (no target for this shape)")
-    print(f"{shape.name} moefx targets: " + ("; ".join(checks) or "nothing to compare against"))
+    return f"{shape} moefx targets: " + ("; ".join(checks) or "nothing to compare against")
 
 
 def write_json(path: str, results: list[Result], shapes: list[Shape], args, device, dtype) -> None:
@@ -381,9 +387,12 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
                    help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--processes", type=int, default=1, metavar="N",
+                   help="run the whole benchmark in N fresh processes, one after another, and report the "
+                        "median over them as well as each one (a shared machine varies from process to process)")
     args = p.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0:
-        p.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.repeats < 1 or args.warmup < 0 or args.processes < 1:
+        p.error("--repeats and --processes must be >= 1 and --warmup >= 0")
     return args
 
 
@@ -396,7 +405,13 @@ def chosen_shapes(args) -> list[Shape]:
 
 
 def main(argv=None, prog: str | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv, prog)
+    if args.processes > 1:
+        from moefx.cli import bench_processes
+
+        bench_processes.main(argv, args.processes, args.json)
+        return
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     shapes = chosen_shapes(args)
