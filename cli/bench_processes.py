@@ -20,7 +20,8 @@ from moefx.cli.bench import HF_IMPLS, fmt, ratio, target_checks
 
 
 def child_argv(argv: list[str], json_path: str) -> list[str]:
-    """``argv`` without ``--processes`` and ``--json`` (and their values), writing to ``json_path``."""
+    """``argv`` without ``--processes`` and ``--json`` (and their values), writing to ``json_path``
+    in one process: the trailing options win over any abbreviation argparse accepted (``--proc 3``)."""
     out, skip = [], False
     for arg in argv:
         if skip:
@@ -32,7 +33,7 @@ def child_argv(argv: list[str], json_path: str) -> list[str]:
         if arg.startswith(("--processes=", "--json=")):
             continue
         out.append(arg)
-    return [*out, "--json", json_path]
+    return [*out, "--json", json_path, "--processes", "1"]
 
 
 def run_children(argv: list[str], processes: int) -> list[dict]:

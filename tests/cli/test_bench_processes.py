@@ -16,7 +16,9 @@ def result(shape, impl, ms, dense_ms, skipped=None):
 
 def test_child_argv_drops_processes_and_json_in_both_spellings():
     argv = ["--shapes", "S2", "--processes", "3", "--json", "a.json", "--processes=4", "--json=b.json", "--repeats", "5"]
-    assert child_argv(argv, "/tmp/x.json") == ["--shapes", "S2", "--repeats", "5", "--json", "/tmp/x.json"]
+    assert child_argv(argv, "/tmp/x.json") == [
+        "--shapes", "S2", "--repeats", "5", "--json", "/tmp/x.json", "--processes", "1"
+    ]
 
 
 def test_summary_takes_medians_over_processes_of_each_process_ratio():
