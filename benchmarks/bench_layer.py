@@ -3,7 +3,9 @@
     python benchmarks/bench_layer.py --help
 """
 
+import sys
+
 from moefx.cli.bench import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

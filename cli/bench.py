@@ -14,8 +14,11 @@ step (forward, then ``out.backward(grad)`` with a fixed random ``grad``) of:
   dense          a SwiGLU FFN of hidden size top_k * d_hidden: the same active FLOPs with no
                  routing, the limit an MoE layer can reach
 
-Steps are interleaved round-robin over the implementations so that drift on a shared machine
-hits all of them alike. It reports the median step time, ``dense/impl`` (1.0 = as fast as the
+Before timing, every implementation's output and input gradient are compared with those of the
+plainest one that ran (``moefx_ref``, else ``moefx``, else ``hf_eager``): the relative error
+``‖a − b‖ / ‖b‖`` is in the table, and one over the dtype's tolerance is reported as a MISMATCH,
+so a fast but wrong kernel cannot pass unseen. Steps are interleaved round-robin over the
+implementations so that drift on a shared machine hits all of them alike. It reports the median step time, ``dense/impl`` (1.0 = as fast as the
 dense limit, higher is better), moefx's speedup over each transformers implementation and, on
 CUDA, each step's peak memory above what was allocated before it.
 
@@ -72,8 +75,15 @@ DEFAULT_SHAPES = ("S1", "S2")
 IMPLS = ("moefx", "moefx_permuted", "moefx_ref", "hf_eager", "hf_grouped_mm", "dense")
 MOEFX_VARIANTS = ("moefx_permuted", "moefx_ref")  # share moefx's module
 HF_IMPLS = ("hf_eager", "hf_grouped_mm")
-# The layer's targets on CPU: dense/moefx at least this, and moefx faster than every transformers impl.
+# The layer's targets: dense/moefx at least this (on CPU per shape, on CUDA for every shape), and
+# moefx faster than every transformers impl.
 CPU_RATIO_TARGETS = {"S1": 0.9, "S2": 0.75}
+CUDA_RATIO_TARGET = 0.8
+# The impl the others' outputs are checked against: the plainest one that ran.
+CHECK_REFERENCES = ("moefx_ref", "moefx", "hf_eager")
+# Largest relative error (output or input gradient) that counts as agreeing, per dtype: 16-bit
+# rounding, plus a few tokens whose near-tied top-k choice may flip between implementations.
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 
 class SkipImpl(Exception):
@@ -89,6 +99,9 @@ class Result:
     peak_mib: list[float] = field(default_factory=list)
     skipped: str | None = None
     note: str = ""
+    checked_against: str | None = None  # the impl whose output and input gradient these are compared with
+    out_err: float | None = None  # ‖out − out_ref‖ / ‖out_ref‖
+    dx_err: float | None = None  # the same for the input gradient
 
     @property
     def median_ms(self) -> float | None:
@@ -217,8 +230,9 @@ def kernels_for(impl: str):
 
 
 def step(fn: Callable[[Tensor], Tensor], params: list[nn.Parameter], x: Tensor, grad: Tensor, device=None,
-         impl: str = "") -> float:
-    """One forward + backward; returns the forward's seconds (synchronised when ``device`` is given)."""
+         impl: str = "") -> tuple[float, Tensor]:
+    """One forward + backward; returns the forward's seconds (synchronised when ``device`` is given)
+    and the output (the input gradient is left in ``x.grad``)."""
     for p in params:
         p.grad = None
     x.grad = None
@@ -229,7 +243,7 @@ def step(fn: Callable[[Tensor], Tensor], params: list[nn.Parameter], x: Tensor, 
             sync(device)
         forward = time.perf_counter() - start
         out.backward(grad)
-    return forward
+    return forward, out.detach()
 
 
 def timed_step(fn, params, x, grad, device, impl: str = "") -> tuple[float, float, float | None]:
@@ -243,7 +257,7 @@ def timed_step(fn, params, x, grad, device, impl: str = "") -> tuple[float, floa
         baseline = torch.cuda.memory_allocated(device)
     sync(device)
     start = time.perf_counter()
-    forward = step(fn, params, x, grad, device, impl)
+    forward, _ = step(fn, params, x, grad, device, impl)
     sync(device)
     ms = (time.perf_counter() - start) * 1e3
     if device.type == "cuda":
@@ -272,6 +286,7 @@ def bench_shape(shape: Shape, names: list[str], args, device: torch.device, dtyp
         if name == "hf_grouped_mm":
             result.note = grouped_mm_note(module, x)
         runners[name], results[name] = (fn, params), result
+    check_outputs(runners, results, x, grad)
 
     for _ in range(args.repeats):
         for name, (fn, params) in runners.items():
@@ -283,6 +298,31 @@ def bench_shape(shape: Shape, names: list[str], args, device: torch.device, dtyp
 
     by_name = {r.impl: r for r in [*results.values(), *skipped]}
     return [by_name[name] for name in names]
+
+
+def check_outputs(runners: dict, results: dict[str, Result], x: Tensor, grad: Tensor) -> None:
+    """Each impl's output and input gradient against the plainest impl that ran (dense computes
+    another function and is left out); the errors go into ``results``."""
+    reference = next((name for name in CHECK_REFERENCES if name in runners), None)
+    if reference is None:
+        return
+    _, want_out = step(*runners[reference], x, grad, impl=reference)
+    want_dx = x.grad.detach().clone()
+    for name, (fn, params) in runners.items():
+        if name in (reference, "dense"):
+            continue
+        _, out = step(fn, params, x, grad, impl=name)
+        result = results[name]
+        result.checked_against = reference
+        result.out_err, result.dx_err = relative_error(out, want_out), relative_error(x.grad, want_dx)
+
+
+def relative_error(got: Tensor, want: Tensor) -> float:
+    """‖got − want‖ / ‖want‖ in fp32 (inf where ``got`` has a NaN or an inf)."""
+    got, want = got.float(), want.float()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return ((got - want).norm() / want.norm().clamp_min(torch.finfo(torch.float32).tiny)).item()
 
 
 # ----------------------------------------------------------------------------- report
@@ -299,7 +339,7 @@ def fmt(value: float | None, spec: str) -> str:
 def print_table(results: list[Result], device: torch.device) -> None:
     cuda = device.type == "cuda"
     header = (f"{'shape':<9}{'impl':<15}{'fwd ms':>9}{'bwd ms':>9}{'fwd+bwd':>10}{'dense/impl':>12}"
-              + (f"{'peak MiB':>11}" if cuda else ""))
+              + (f"{'peak MiB':>11}" if cuda else "") + f"{'err out/dx':>18}")
     print(header + "  note")
     print("-" * (len(header) + 30))
     for r in results:
@@ -312,7 +352,26 @@ def print_table(results: list[Result], device: torch.device) -> None:
                f"{fmt(r.median_ms, '.1f'):>10}{fmt(ratio(dense, r.median_ms), '.3f'):>12}")
         if cuda:
             row += f"{fmt(r.median_peak_mib, '.0f'):>11}"
+        row += f"{error_cell(r, results):>18}"
         print(row + (f"  {r.note}" if r.note else ""))
+
+
+def error_cell(r: Result, results: list[Result]) -> str:
+    if r.out_err is not None:
+        return f"{r.out_err:.1e}/{r.dx_err:.1e}"
+    is_reference = any(o.shape == r.shape and o.checked_against == r.impl for o in results)
+    return "(reference)" if is_reference else "-"
+
+
+def mismatches(results: list[Result], dtype: torch.dtype) -> list[str]:
+    """A line for each impl whose output or input gradient is off its reference by more than the tolerance."""
+    tolerance = TOLERANCE[dtype]
+    return [
+        f"{r.shape} {r.impl}: MISMATCH against {r.checked_against}: relative error {r.out_err:.2e} in the output, "
+        f"{r.dx_err:.2e} in the input gradient (tolerance {tolerance:g} for {str(dtype).removeprefix('torch.')})"
+        for r in results
+        if r.out_err is not None and not (r.out_err <= tolerance and r.dx_err <= tolerance)
+    ]
 
 
 def print_targets(shape: Shape, results: list[Result], device: torch.device) -> None:
@@ -326,14 +385,15 @@ def print_targets(shape: Shape, results: list[Result], device: torch.device) -> 
 
 
 def target_checks(shape: str, dense_ratio: float | None, speedups: dict[str, float | None], device_type: str) -> str:
-    """One line: moefx's speedup over each transformers impl and its dense/moefx against the CPU target."""
+    """One line: moefx's speedup over each transformers impl and its dense/moefx against the target
+    (on CPU the shape's, on CUDA the same for every shape)."""
     checks = [
         f"{speedup:.3f}x vs {hf} [{'met' if speedup > 1 else 'MISSED'}]"
         for hf, speedup in speedups.items() if speedup is not None
     ]
-    target = CPU_RATIO_TARGETS.get(shape)
+    target = CUDA_RATIO_TARGET if device_type == "cuda" else CPU_RATIO_TARGETS.get(shape)
     if target is not None and dense_ratio is not None:
-        where = "" if device_type == "cpu" else " (a CPU target; this run is on " + device_type + ")"
+        where = "" if device_type in ("cpu", "cuda") else " (a CPU target; this run is on " + device_type + ")"
         verdict = "met" if dense_ratio >= target else "MISSED"
         checks.append(f"dense/moefx {dense_ratio:.3f} >= {target} [{verdict}]{where}")
     elif dense_ratio is not None:
@@ -404,14 +464,15 @@ def chosen_shapes(args) -> list[Shape]:
     return [Shape(**base)]
 
 
-def main(argv=None, prog: str | None = None) -> None:
+def main(argv=None, prog: str | None = None) -> int:
+    """Runs the benchmark; the exit status is 1 when an impl's output disagrees with its reference."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv, prog)
     if args.processes > 1:
         from moefx.cli import bench_processes
 
         bench_processes.main(argv, args.processes, args.json)
-        return
+        return 0
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     shapes = chosen_shapes(args)
@@ -429,10 +490,14 @@ def main(argv=None, prog: str | None = None) -> None:
     print()
     for shape in shapes:
         print_targets(shape, results, device)
+    wrong = mismatches(results, dtype)
+    for line in wrong:
+        print(line)
     if args.json:
         write_json(args.json, results, shapes, args, device, dtype)
         print(f"\nwrote {args.json}")
+    return 1 if wrong else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

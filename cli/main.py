@@ -114,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["bench"]:  # every option belongs to the benchmark's own parser
             from moefx.cli.bench import main as bench_main
 
-            bench_main(argv[1:], prog="moefx bench")
-            return 0
+            return bench_main(argv[1:], prog="moefx bench")
         args = build_parser().parse_args(argv)
         if args.command is None:
             raise CLIError("no command given: use moefx convert, moefx inspect, moefx export or moefx bench (see moefx --help)", code=2)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moefx.forward_override import forward_override
 from moefx.kernels import FORWARD_OPS
 from moefx.offloaded_experts import is_offloaded
 
@@ -45,7 +46,7 @@ def export(model: nn.Module, path: str | Path, *, example_inputs: tuple, example
     if format == "tensorrt":
         _check_tensorrt(example_inputs)
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), forward_override(model, _exportable_output):
         program = torch.export.export(model, tuple(example_inputs), example_kwargs or {}, strict=False)
     # AOTInductor insists on a .pt2 name, so the partial file keeps the suffix.
     partial = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
@@ -60,6 +61,19 @@ def export(model: nn.Module, path: str | Path, *, example_inputs: tuple, example
     finally:
         partial.unlink(missing_ok=True)
     return path
+
+
+def _exportable_output(output):
+    """``output`` unchanged if a saved program can return it; else an error that names what it holds."""
+    leaves = torch.utils._pytree.tree_leaves(output)
+    odd = sorted({type(x).__name__ for x in leaves if not isinstance(x, (torch.Tensor, int, float, bool, str, type(None)))})
+    if odd:
+        raise ExportError(
+            f"the model's output holds {', '.join(odd)}, which an exported program cannot return: make the forward "
+            "return tensors (for a transformers model, set config.use_cache=False or pass use_cache=False in "
+            "example_kwargs)"
+        )
+    return output
 
 
 def _check_tensorrt(example_inputs: tuple) -> None:

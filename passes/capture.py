@@ -7,7 +7,9 @@
                      ...
 
 With example inputs the model is captured by ``torch.export`` (non-strict, in eval mode, the
-mode restored after): an ATen graph with shapes. Without, by ``torch.fx.symbolic_trace``: a
+mode restored after): an ATen graph with shapes. The graph is for analysis only, so its outputs
+are the tensors found in the model's output (a transformers KV cache object, say, which
+``torch.export`` cannot flatten, is left out). Without, by ``torch.fx.symbolic_trace``: a
 torch-level graph, no shapes. If the chosen method fails, the other is tried; if both fail, the
 error names the construct that failed and what to pass instead. A model on the meta device is
 captured without memory (tensor inputs are moved to meta).
@@ -18,12 +20,14 @@ from __future__ import annotations
 import logging
 import os
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import fx, nn
 
+from moefx.forward_override import forward_override
 from moefx.layer import MoE
 
 log = logging.getLogger(__name__)
@@ -74,10 +78,22 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
     was_training = model.training
     model.eval()
     try:
-        program = torch.export.export(model, args, kwargs, strict=False)
+        with forward_override(model, _output_tensors):
+            program = torch.export.export(model, args, kwargs, strict=False)
     finally:
         model.train(was_training)
     return Captured(program.module(), "export")
+
+
+def _output_tensors(output) -> tuple[torch.Tensor, ...]:
+    """Every tensor in a forward's output, in order (mappings such as transformers' ModelOutput, lists and tuples walked)."""
+    if isinstance(output, torch.Tensor):
+        return (output,)
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, (list, tuple)):
+        return tuple(t for item in output for t in _output_tensors(item))
+    return ()
 
 
 def _symbolic_trace(model: nn.Module, args: tuple, kwargs: dict) -> Captured:

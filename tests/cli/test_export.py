@@ -121,3 +121,18 @@ def test_the_python_api_refuses_offloaded_models_and_unknown_formats(converted, 
     with pytest.raises(ExportError, match="export it before moefx.offload"):
         moefx.export(model, tmp_path / "m.pt2", example_inputs=inputs)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_holding_a_kv_cache_is_refused_with_the_fix(tmp_path):
+    from transformers import GPT2Config, GPT2Model
+
+    model = GPT2Model(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0))
+    ids = torch.randint(0, 50, (2, 6))
+    moefx.moefy(model, 4, 2, example_inputs=(ids,))  # capture itself copes with the cache in the output
+    with pytest.raises(ExportError, match=r"holds DynamicCache.*use_cache=False"):
+        moefx.export(model, tmp_path / "m.pt2", example_inputs=(ids,))
+    assert list(tmp_path.iterdir()) == []
+    path = moefx.export(model, tmp_path / "m.pt2", example_inputs=(ids,), example_kwargs={"use_cache": False})
+    with torch.no_grad():
+        got = torch.export.load(path).module()(ids, use_cache=False).last_hidden_state
+        torch.testing.assert_close(got, model(ids, use_cache=False).last_hidden_state, rtol=1e-6, atol=1e-6)

@@ -41,6 +41,27 @@ def _gpt2():
     return GPT2Model(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=2, use_cache=False))
 
 
+def _llama_lm_cached():
+    """A causal LM as a user builds it: the config's default use_cache=True, so the output holds a
+    DynamicCache (which torch.export cannot flatten)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    assert config.use_cache
+    return LlamaForCausalLM(config)
+
+
+def _gpt2_lm_cached():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    assert config.use_cache
+    return GPT2LMHeadModel(config)
+
+
 def _bert():
     from transformers import BertConfig, BertModel
 
@@ -143,6 +164,8 @@ def _x():
 CASES = [
     Case("llama", _llama, _ids, ffns=2),
     Case("gpt2", _gpt2, _ids, ffns=3),
+    Case("llama_lm_cached", _llama_lm_cached, _ids, ffns=2),
+    Case("gpt2_lm_cached", _gpt2_lm_cached, _ids, ffns=2),
     Case("bert", _bert, _ids, ffns=2),
     Case("t5", _t5, _t5_inputs, ffns=5),
     Case("vit", _vit, lambda: ((torch.randn(2, 3, 16, 16),), {}), ffns=2),

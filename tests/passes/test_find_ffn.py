@@ -222,3 +222,24 @@ def test_meta_device_model_is_found_and_converted_without_memory():
     moefx.moefy(model, 8, 2, example_inputs=(ids,))
     layers = list(moefx.moe_layers(model))
     assert len(layers) == 3 and all(p.is_meta for _, layer in layers for p in layer.parameters())
+
+
+class NonTensorOutput(nn.Module):
+    """Returns an object torch.export cannot flatten next to its tensor, as a KV cache is returned."""
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+
+    def forward(self, x):
+        return {"out": self.mlp(x), "state": object()}
+
+
+def test_output_that_export_cannot_flatten_is_captured_and_forward_restored():
+    model = NonTensorOutput()
+    assert [m.path for m in moefx.find_ffns(model, (X,))] == ["mlp"]
+    assert "forward" not in model.__dict__  # the class's forward is the model's forward again
+    own = model.forward
+    model.forward = lambda x: own(x)  # a forward the user set on the instance is kept
+    custom = model.forward
+    assert [m.path for m in moefx.find_ffns(model, (X,))] == ["mlp"]
+    assert model.__dict__["forward"] is custom

@@ -46,16 +46,16 @@ def _expert_bytes(model) -> int:
     return ExpertLayout.of(stacked_expert_tensors(layer.experts)).slot_bytes
 
 
-def _offloaded(converted, storage: str, experts: int, prefetch: bool):
+def _offloaded(converted, storage: str, experts: int, prefetch: bool, device: str = "cpu"):
     model, out = converted
     budget = experts * _expert_bytes(model)
     if storage == "cpu":
-        return moefx.offload(copy.deepcopy(model), device="cpu", budget_bytes=budget, prefetch=prefetch)
+        return moefx.offload(copy.deepcopy(model), device=device, budget_bytes=budget, prefetch=prefetch)
     with torch.device("meta"):
         dense = _llama()
     structure = moefx.load(out, dense, weights=False)  # nothing read: every tensor still on meta
     assert all(t.is_meta for t in structure.parameters())
-    return moefx.offload(structure, device="cpu", budget_bytes=budget, storage="disk", path=out, prefetch=prefetch)
+    return moefx.offload(structure, device=device, budget_bytes=budget, storage="disk", path=out, prefetch=prefetch)
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -75,6 +75,21 @@ def test_offloaded_batches_equal_the_resident_model(converted, storage, prefetch
         for seed in range(3):  # later batches find some experts resident, or prefetched
             ids = torch.randint(0, VOCAB, (2 + seed, 9), generator=torch.Generator().manual_seed(seed))
             assert _rel(offloaded(ids).logits, model(ids).logits) <= 1e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA path (pinned staging, copy stream, events) needs a GPU")
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "on_demand"])
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_offloaded_on_cuda_equals_the_resident_model_on_cpu(converted, storage, prefetch):
+    model = converted[0]
+    offloaded = _offloaded(converted, storage, 1, prefetch, device="cuda")  # one slot: every layer streams
+    with torch.no_grad():
+        for seed in range(3):
+            ids = torch.randint(0, VOCAB, (2 + seed, 9), generator=torch.Generator().manual_seed(seed))
+            got = offloaded(ids.cuda()).logits
+            assert got.device.type == "cuda"
+            assert _rel(got.cpu(), model(ids).logits) <= 1e-4  # fp32 (the Triton kernels use IEEE fp32 dots)
+    assert moefx.offload_stats(offloaded).loads > 0
 
 
 @pytest.mark.parametrize("budget", ["one_expert", "half_the_experts"])
