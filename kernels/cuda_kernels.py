@@ -31,17 +31,16 @@ CUDA_KERNELS: dict[torch.library.CustomOpDef, tuple[str, str]] = {
 }
 
 
-def _lazy(module: str, function: str):
+def _triton_unless_fp64(op: torch.library.CustomOpDef, device_type: str, module: str, function: str):
+    """The op's Triton kernel; with an fp64 tensor among the arguments (a gradcheck, say) the op's
+    default implementation instead, since the kernels compute in fp32 (and do not compile for fp64)."""
     def run(*args):
+        if any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args):
+            with op.set_kernel_enabled(device_type, enabled=False):
+                return op(*args)
         return getattr(importlib.import_module(f"moefx.kernels.{module}"), function)(*args)
 
     return run
-
-
-def _route_triton(logits_TE, top_k, renormalize, softmax_first):
-    if logits_TE.dtype == torch.float64:  # the kernel computes in fp32; fp64 keeps its precision
-        return route.route_with_torch(logits_TE, top_k, renormalize, softmax_first)
-    return _lazy(*CUDA_KERNELS[route.route])(logits_TE, top_k, renormalize, softmax_first)
 
 
 def has_triton() -> bool:
@@ -54,7 +53,7 @@ def register(device_type: str = "cuda") -> bool:
     if not has_triton():
         return False
     for op, (module, function) in CUDA_KERNELS.items():
-        op.register_kernel(device_type)(_route_triton if op is route.route else _lazy(module, function))
+        op.register_kernel(device_type)(_triton_unless_fp64(op, device_type, module, function))
     return True
 
 

@@ -43,5 +43,7 @@ def backward(
 
 def _choose(kind, x_SI: Tensor, weight_EOI: Tensor, has_bias: bool, run: Callable[[str], object]) -> str:
     candidates = ("triton", "grouped_mm") if grouped_mm_linear.usable(x_SI, weight_EOI, has_bias) else ("triton",)
-    key = (kind, tuple(weight_EOI.shape), rows_bucket(x_SI.shape[0]), x_SI.dtype)
+    # The candidates are part of the key: a call with a bias (Triton only) must not reuse a
+    # bias-free call's grouped_mm choice, which would drop its bias.
+    key = (kind, tuple(weight_EOI.shape), rows_bucket(x_SI.shape[0]), x_SI.dtype, candidates)
     return BACKENDS.choose(key, candidates, run, can_time(x_SI.device))

@@ -6,7 +6,7 @@ Both run the kernels of ``triton_grouped_linear`` with their fused options (Scat
 
 - gather: the first linear reads token rows through ``row_slot_S // K`` in its loads, so the
   permuted ``[S, I]`` input never exists. Backward: dW gathers the same way; dX is computed per
-  row and summed per token through ``slot_row_S``, K terms in choice order (deterministic).
+  row, stored at its slot, and summed per token, K terms in choice order (deterministic).
 - combine: the second linear multiplies each row by its routing weight in the epilogue and
   stores it at its slot (a permutation, so no two programs write one place); the K slots of a
   token are then summed in fp32, in choice order: no atomics. Backward: the output gradient is
@@ -41,8 +41,9 @@ def gather_grouped_linear_backward(
     T, K = x_TI.shape[0], top_k_of(x_TI, row_slot_S)
     grad_x = x_TI.new_empty(0)
     if need_x:
-        grad_x_SI = segment_matmul(grad_y_SO, weight_EOI, None, offsets_E1)  # dropped rows are zero
-        grad_x = grad_x_SI.index_select(0, slot_row_S).view(T, K, -1).sum(1, dtype=at_least_fp32(x_TI.dtype))
+        # Each row's dX stored at its slot (dropped rows as zeros), so the K slots of a token sit together.
+        grad_x_SI = segment_matmul(grad_y_SO, weight_EOI, None, offsets_E1, out_rows_S=row_slot_S)
+        grad_x = grad_x_SI.view(T, K, -1).sum(1, dtype=at_least_fp32(x_TI.dtype))
         grad_x = grad_x.to(x_TI.dtype)
     grad_w, grad_b = weight_EOI.new_empty(0), weight_EOI.new_empty(0)
     if need_weight or need_bias:

@@ -7,6 +7,13 @@ expert's last row tile may be partial, so at most ``cdiv(S, BM) + E`` row tiles)
 program finds its expert and tile from the offsets on the device; programs past the real tiles
 return at once.
 
+Program order, for the L2 cache: ``segment_matmul`` runs on a 1-D grid in groups of ``GROUP_M``
+row tiles, all column tiles of a group before the next group (the Triton tutorial's grouped
+ordering), so a row tile is read from memory about once rather than once per column tile.
+``segment_outer`` puts the in-features tile first in launch order, so neighbouring programs
+share the expert and its ``dy`` columns. Memory offsets that scale with a tensor's size (an
+expert's weight, a row) are int64: ``E * O * I`` passes 2^31 at fine-grained shapes.
+
 - ``segment_matmul``: ``out[r] = a[r] @ B_e (+ bias[e])`` for the rows r of expert e, where B_e
   is read through strides, so the forward (``B_e = W[e]^T``) and dX (``B_e = W[e]``) are one kernel.
   Rows past ``offsets[E]`` are written as zeros.
@@ -14,9 +21,9 @@ return at once.
   (expert, tile of dW): a loop over the expert's rows, so the reduction order is fixed
   (deterministic, no atomics).
 
-The in-features loop bound is a ``constexpr`` (one compile per feature size, and Triton can
-pipeline the loop); the row loop of ``segment_outer`` depends on the offsets, so it is a
-``while`` loop, which Triton does not pipeline: a place to tune on a GPU.
+The in-features loop bound is a ``constexpr`` (one compile per feature size); the row loop of
+``segment_outer`` runs over bounds read from the offsets with ``tl.range``, which Triton
+pipelines like any other loop (the interpreter runs it too).
 
 Accumulation is fp32 whatever the input dtype. Tile sizes: ``moefx.kernels.triton_tuning``
 (candidates per kernel, timed on the GPU once per shape). The CUDA registration lives in
@@ -33,20 +40,28 @@ from torch import Tensor
 
 from moefx.kernels.triton_tuning import TILES, TileConfig, can_time, matmul_candidates, outer_candidates, rows_bucket
 
+GROUP_M = 8  # row tiles per group of segment_matmul's launch order (the Triton tutorial's value)
+
 
 @triton.jit
 def _segment_matmul_kernel(
     a_ptr, b_ptr, bias_ptr, out_ptr, offsets_ptr, a_rows_ptr, out_rows_ptr, scale_ptr,
-    S, N, E, K: tl.constexpr,
+    S, N, E, M_TILES, K: tl.constexpr,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_om, stride_on,
     HAS_BIAS: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr, SCALE: tl.constexpr,
     IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # Grouped ordering: GROUP_M row tiles, each with all its column tiles, then the next group.
+    pid = tl.program_id(0)
+    in_group = GROUP_M * tl.cdiv(N, BN)
+    group_start = (pid // in_group) * GROUP_M
+    group_rows = tl.minimum(M_TILES - group_start, GROUP_M)
+    tile = group_start + (pid % in_group) % group_rows
+    pid_n = (pid % in_group) // group_rows
     experts = tl.arange(0, BE)
-    starts = tl.load(offsets_ptr + experts, mask=experts < E, other=0)
-    ends = tl.load(offsets_ptr + experts + 1, mask=experts < E, other=0)
+    starts = tl.load(offsets_ptr + experts, mask=experts < E, other=0).to(tl.int64)
+    ends = tl.load(offsets_ptr + experts + 1, mask=experts < E, other=0).to(tl.int64)
     tiles = tl.where(experts < E, (ends - starts + BM - 1) // BM, 0)
     first_tile = tl.cumsum(tiles, 0) - tiles
     real_tiles = tl.sum(tiles, 0)
@@ -67,7 +82,7 @@ def _segment_matmul_kernel(
             ks = k0 + tl.arange(0, BK)
             a = tl.load(a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak,
                         mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
-            b = tl.load(b_ptr + e * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
+            b = tl.load(b_ptr + e.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
                         mask=(ks[:, None] < K) & (cols[None, :] < N), other=0.0)
             if IEEE:  # fp32 in, fp32 math (torch's default); otherwise TF32 on recent GPUs
                 acc = tl.dot(a, b, acc, input_precision="ieee")
@@ -84,7 +99,7 @@ def _segment_matmul_kernel(
                  mask=row_ok[:, None] & (cols[None, :] < N))
     else:
         # Spare programs zero the dropped rows [offsets[E], S), one row tile each.
-        kept = tl.load(offsets_ptr + E)
+        kept = tl.load(offsets_ptr + E).to(tl.int64)
         rows = kept + (tile - real_tiles) * BM + tl.arange(0, BM)
         out_rows = rows
         if SCATTER_OUT:
@@ -114,14 +129,14 @@ def segment_matmul(
 
     def launch(config: TileConfig) -> None:
         # Real tiles: at most cdiv(S, BM) + E; dropped-row tiles: at most cdiv(S, BM). One grid covers both.
-        grid = (2 * triton.cdiv(S, config.BM) + E, triton.cdiv(N, config.BN))
-        _segment_matmul_kernel[grid](
+        m_tiles = 2 * triton.cdiv(S, config.BM) + E
+        _segment_matmul_kernel[(m_tiles * triton.cdiv(N, config.BN),)](
             a_MK, b_EKN, bias_EN.contiguous() if bias_EN is not None else unused, out, offsets_E1,
             unused if a_rows_S is None else a_rows_S, unused if out_rows_S is None else out_rows_S,
             unused if scale_S is None else scale_S,
-            S, N, E, K,
+            S, N, E, m_tiles, K,
             a_MK.stride(0), a_MK.stride(1), b_EKN.stride(0), b_EKN.stride(1), b_EKN.stride(2), out.stride(0), out.stride(1),
-            **flags, BM=config.BM, BN=config.BN, BK=config.BK, BE=triton.next_power_of_2(E),
+            **flags, BM=config.BM, BN=config.BN, BK=config.BK, BE=triton.next_power_of_2(E), GROUP_M=GROUP_M,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
 
@@ -138,17 +153,16 @@ def _segment_outer_kernel(
     HAS_BIAS: tl.constexpr, GATHER_DY: tl.constexpr, GATHER_X: tl.constexpr, SCALE: tl.constexpr,
     IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    e = tl.program_id(0)
+    pid_i = tl.program_id(0)  # fastest in launch order: neighbours share e and the dy columns
     pid_o = tl.program_id(1)
-    pid_i = tl.program_id(2)
-    start = tl.load(offsets_ptr + e)
-    end = tl.load(offsets_ptr + e + 1)
+    e = tl.program_id(2)
+    start = tl.load(offsets_ptr + e).to(tl.int64)
+    end = tl.load(offsets_ptr + e + 1).to(tl.int64)
     outs = pid_o * BM + tl.arange(0, BM)
     ins = pid_i * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     bias_acc = tl.zeros((BM,), dtype=tl.float32)
-    r0 = start
-    while r0 < end:  # data-dependent bounds: a while loop (the interpreter cannot range() over them)
+    for r0 in tl.range(start, end, BK):
         rows = r0 + tl.arange(0, BK)
         row_ok = rows < end
         dy_rows, x_rows = rows, rows
@@ -168,8 +182,7 @@ def _segment_outer_kernel(
             acc = tl.dot(tl.trans(dy), x, acc)
         if HAS_BIAS:
             bias_acc += tl.sum(dy.to(tl.float32), 0)
-        r0 += BK
-    tl.store(dw_ptr + e * stride_dwe + outs[:, None] * stride_dwo + ins[None, :] * stride_dwi,
+    tl.store(dw_ptr + e.to(tl.int64) * stride_dwe + outs[:, None] * stride_dwo + ins[None, :] * stride_dwi,
              acc.to(dw_ptr.dtype.element_ty), mask=(outs[:, None] < O) & (ins[None, :] < I))
     if HAS_BIAS:
         if pid_i == 0:
@@ -193,7 +206,7 @@ def segment_outer(
                  SCALE=scale_S is not None, IEEE=x_NI.dtype == torch.float32)
 
     def launch(config: TileConfig) -> None:
-        grid = (num_experts, triton.cdiv(O, config.BM), triton.cdiv(I, config.BN))
+        grid = (triton.cdiv(I, config.BN), triton.cdiv(O, config.BM), num_experts)
         _segment_outer_kernel[grid](
             dy_MO, x_NI, offsets_E1, dw, db if db is not None else dw,
             unused if dy_rows_S is None else dy_rows_S, unused if x_rows_S is None else x_rows_S,

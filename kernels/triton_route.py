@@ -5,8 +5,8 @@ Legend: T tokens, E experts, K top-k, BT tokens per program, BE = next power of 
 
 Each program loads BT rows of logits (padding experts read as -inf), and picks the K largest by
 K rounds of max/argmax, each round masking its winner. Ties go to the lower expert index. The
-per-expert counts are a ``torch.bincount`` of the chosen experts afterwards: deterministic, no
-atomics, no host sync. Registered for CUDA by ``moefx.kernels.cuda_kernels``; runs on CPU
+per-expert counts are an integer ``scatter_add_`` of the chosen experts afterwards: exact and
+deterministic, no host sync. Registered for CUDA by ``moefx.kernels.cuda_kernels``; runs on CPU
 tensors under ``TRITON_INTERPRET=1`` for the tests.
 """
 
@@ -42,6 +42,8 @@ def _route_kernel(
         best = tl.max(scores, 1)
         # The lowest index among the maxima (ties to the lower expert, as documented).
         index = tl.min(tl.where(scores == best[:, None], cols[None, :], BE), 1)
+        # A NaN row matches no maximum: it still gets a real expert (its weights stay NaN).
+        index = tl.minimum(index, E - 1)
         picked_scores = tl.where(ks[None, :] == k, best[:, None], picked_scores)
         picked_experts = tl.where(ks[None, :] == k, index[:, None].to(tl.int64), picked_experts)
         scores = tl.where(cols[None, :] == index[:, None], float("-inf"), scores)
@@ -69,5 +71,8 @@ def route(logits_TE: Tensor, top_k: int, renormalize: bool, softmax_first: bool)
         logits_TE, weights, experts, T, E, logits_TE.stride(0), logits_TE.stride(1),
         K=top_k, KP=triton.next_power_of_2(top_k), RENORMALIZE=renormalize, SOFTMAX_FIRST=softmax_first, BT=BT, BE=BE,
     )
-    counts = torch.bincount(experts.flatten(), minlength=E)
+    # Not bincount: it sizes its output from the largest value, a device-to-host sync. Integer
+    # sums are exact in any order, so the atomics of scatter_add_ do not make this nondeterministic.
+    counts = torch.zeros(E, dtype=torch.int64, device=logits_TE.device)
+    counts.scatter_add_(0, experts.flatten(), torch.ones_like(experts.flatten()))
     return weights, experts, counts

@@ -2,7 +2,7 @@
 cached per shape.
 
 On a GPU, the first call for a shape times every candidate (one warm-up launch, which also
-compiles it, then the median of a few launches between CUDA events) and keeps the fastest; a
+compiles it, then the median of a few batches of launches between CUDA events) and keeps the fastest; a
 candidate that fails (a tile needing more shared memory than the GPU has) is passed over. Later
 calls with that shape reuse the choice. A shape is the kernel, its flags, the feature sizes, the dtype,
 the number of experts and the row count rounded up to a power of two (token counts vary from
@@ -12,6 +12,7 @@ being captured) the first candidate, a rule of thumb for the shape, runs untimed
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable
@@ -48,18 +49,23 @@ def outer_candidates(rows: int, out_features: int, in_features: int) -> tuple[Ti
     return (first, *(c for c in others if c != first))
 
 
-def cuda_milliseconds(launch: Callable[[], None], repeats: int = 3) -> float:
-    """Median milliseconds of ``launch()`` after one warm-up call, between CUDA events."""
+def cuda_milliseconds(launch: Callable[[], None], repeats: int = 5, min_batch_ms: float = 0.2) -> float:
+    """Median milliseconds per ``launch()`` over ``repeats`` batches between CUDA events, after a
+    warm-up call (which also compiles). A batch holds enough launches to last ``min_batch_ms``,
+    so a microsecond kernel is not timed at the resolution of the events."""
     launch()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    batch = min(100, math.ceil(min_batch_ms / max(_batch_milliseconds(launch, 1), 1e-3)))
+    return statistics.median(_batch_milliseconds(launch, batch) / batch for _ in range(repeats))
+
+
+def _batch_milliseconds(launch: Callable[[], None], launches: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(launches):
         launch()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
 class ConfigCache:

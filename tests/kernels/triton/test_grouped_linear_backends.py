@@ -85,3 +85,17 @@ def test_the_faster_backend_is_chosen_per_shape_and_both_give_the_same_result(fa
     ran.clear()
     grouped_linear_backends.forward(x.float(), w.float(), None, offsets)
     assert ran == [faster], "a known shape runs its choice once, untimed"
+
+
+def test_a_call_with_a_bias_does_not_reuse_a_bias_free_grouped_mm_choice(monkeypatch):
+    cache = ConfigCache(measure=lambda launch: 1.0 if launch() == "grouped_mm" else 2.0)  # grouped_mm always wins
+    monkeypatch.setattr(grouped_linear_backends, "BACKENDS", cache)
+    monkeypatch.setattr(grouped_linear_backends, "can_time", lambda device: True)
+    real_mm = grouped_mm_linear.forward
+    monkeypatch.setattr(grouped_mm_linear, "forward", lambda *a: (real_mm(*a), "grouped_mm")[1])
+    x, w, _, offsets = _case("uneven")
+    assert grouped_linear_backends.forward(x.float(), w.float(), None, offsets) == "grouped_mm"
+    bias = torch.randn(w.shape[0], O, dtype=torch.float64)
+    got = grouped_linear_backends.forward(x.float(), w.float(), bias.float(), offsets)  # only Triton takes a bias
+    want = reference.grouped_linear(x, w, bias, offsets.tolist())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)

@@ -21,6 +21,8 @@ SEGMENTS = {
     "dropped-tail": ([20, 0, 45], 29),
     "all-dropped": ([0, 0], 17),
     "many-small": ([3, 0, 2, 7, 1, 0, 0, 4, 9, 5], 2),
+    # more row tiles than one launch-order group holds (GROUP_M), the last group partial
+    "many-row-tiles": ([150, 0, 213, 77, 1], 40),
 }
 
 

@@ -1,6 +1,7 @@
 """The op → Triton kernel table (``moefx.kernels.cuda_kernels``) wired end to end: a child
 process registers the Triton kernels for CPU tensors (the interpreter runs them) and trains a
-layer step through every op, fused and permuted, against the ops' default implementations."""
+layer step through every op, fused and permuted, against the ops' default implementations; fp64
+goes to the default implementations."""
 
 from __future__ import annotations
 
@@ -41,6 +42,15 @@ SCRIPT = textwrap.dedent("""
         assert int(layer.stats().dropped) > 0  # capacity drops some choices
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+    # fp64 runs the default implementations (the kernels compute in fp32): the very same numbers
+    layer64 = moefx.MoE(d_model=16, d_hidden=24, num_experts=4, top_k=2, bias=True, dtype=torch.float64)
+    x64 = torch.randn(30, 16, dtype=torch.float64)
+    for fused in (True, False):
+        got = step(layer64, x64, fused)
+        with cuda_kernels.default_kernels("cpu"):
+            want = step(layer64, x64, fused)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
     print("ok")
 """)
 

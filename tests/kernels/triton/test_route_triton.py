@@ -32,3 +32,15 @@ def test_ties_go_to_the_lower_expert():
     logits = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0]])
     _, experts, _ = route(logits.to(DEVICE), 2, True, True)
     assert experts.cpu().tolist() == [[1, 2]]
+
+
+@pytest.mark.parametrize("experts", [6, 8])  # padded to 8 columns, and not padded
+def test_a_nan_row_picks_real_experts_and_keeps_its_nan(experts):
+    """A diverged router (NaN logits) must not send a token to an expert that does not exist
+    (out-of-bounds reads later), nor hide the NaN: its weights stay NaN."""
+    logits = torch.randn(4, experts)
+    logits[1] = float("nan")
+    weights, chosen, counts = route(logits.to(DEVICE), 2, True, True)
+    assert ((chosen >= 0) & (chosen < experts)).all()
+    assert int(counts.sum()) == 8
+    assert torch.isnan(weights[1]).all() and torch.isfinite(weights[[0, 2, 3]]).all()

@@ -1,0 +1,89 @@
+"""Compiles the Triton kernels for an H100 (sm_90) without a GPU, in a process of its own: run
+with TRITON_INTERPRET unset (under the interpreter the kernels are not compiled). Prints, as
+JSON, each variant's shared memory and whether its products use Hopper's wgmma, or its error.
+
+    python -m tests.kernels.triton.hopper_compile
+"""
+
+from __future__ import annotations
+
+import json
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+
+from moefx.kernels.triton_grouped_linear import GROUP_M, _segment_matmul_kernel, _segment_outer_kernel
+from moefx.kernels.triton_route import _route_kernel
+from moefx.kernels.triton_tuning import TileConfig, matmul_candidates, outer_candidates
+
+HOPPER = GPUTarget("cuda", 90, 32)
+BIG = (32768, 28672, 4096)  # the Mixtral-like shape's first linear (rows, out, in): a big shape's candidates
+
+
+def _matmul(dtype: str, config: TileConfig, K: int = 4096, experts: int = 8, **flags):
+    flags = dict(HAS_BIAS=False, GATHER_A=False, SCATTER_OUT=False, SCALE=False, IEEE=dtype == "fp32") | flags
+    pointers = {name: f"*{dtype}" for name in ("a_ptr", "b_ptr", "bias_ptr", "out_ptr")}
+    pointers |= {name: "*i64" for name in ("offsets_ptr", "a_rows_ptr", "out_rows_ptr")} | {"scale_ptr": "*fp32"}
+    constants = dict(flags, K=K, BM=config.BM, BN=config.BN, BK=config.BK, BE=triton.next_power_of_2(experts),
+                     GROUP_M=GROUP_M, stride_ak=1, stride_on=1)
+    return _segment_matmul_kernel, pointers, constants, config
+
+
+def _outer(dtype: str, config: TileConfig, **flags):
+    flags = dict(HAS_BIAS=False, GATHER_DY=False, GATHER_X=False, SCALE=False, IEEE=dtype == "fp32") | flags
+    pointers = {name: f"*{dtype}" for name in ("dy_ptr", "x_ptr", "dw_ptr", "db_ptr")}
+    pointers |= {name: "*i64" for name in ("offsets_ptr", "dy_rows_ptr", "x_rows_ptr")} | {"scale_ptr": "*fp32"}
+    constants = dict(flags, BM=config.BM, BN=config.BN, BK=config.BK, stride_dyo=1, stride_xi=1, stride_dwi=1)
+    return _segment_outer_kernel, pointers, constants, config
+
+
+def _route(experts: int, top_k: int):
+    BE = triton.next_power_of_2(experts)
+    constants = dict(K=top_k, KP=triton.next_power_of_2(top_k), RENORMALIZE=True, SOFTMAX_FIRST=True,
+                     BT=max(1, min(64, 4096 // BE)), BE=BE, stride_e=1)
+    pointers = {"logits_ptr": "*bf16", "weights_ptr": "*fp32", "experts_ptr": "*i64"}
+    return _route_kernel, pointers, constants, TileConfig(16, 16, 16, 4, 3)
+
+
+def variants() -> dict[str, tuple]:
+    """name -> (kernel, pointer types, constants, config, whether its products must use wgmma)."""
+    found = {}
+    for c in matmul_candidates(*BIG):  # every tile, as the gather's first linear runs it
+        found[f"matmul-bf16-gather-{c}"] = (*_matmul("bf16", c, GATHER_A=True), c.BM >= 64)
+    for c in outer_candidates(*BIG):
+        found[f"outer-bf16-gather-{c}"] = (*_outer("bf16", c, GATHER_X=True), c.BM >= 64)
+    first, first_outer = matmul_candidates(*BIG)[0], outer_candidates(*BIG)[0]
+    found["matmul-bf16-combine"] = (*_matmul("bf16", first, SCATTER_OUT=True, SCALE=True, HAS_BIAS=True), True)
+    found["matmul-fp16-bias-odd-in"] = (*_matmul("fp16", first, K=40, HAS_BIAS=True), True)
+    found["matmul-fp32-ieee-one-expert"] = (*_matmul("fp32", first, experts=1), False)
+    found["outer-bf16-combine-backward"] = (*_outer("bf16", first_outer, GATHER_DY=True, SCALE=True, HAS_BIAS=True), True)
+    found["outer-fp32-ieee"] = (*_outer("fp32", first_outer), False)
+    for experts, top_k in ((6, 3), (8, 2), (64, 8)):
+        found[f"route-E{experts}-k{top_k}"] = (*_route(experts, top_k), False)
+    return found
+
+
+def compile_for_hopper(kernel, pointers: dict[str, str], constants: dict, config: TileConfig):
+    """``kernel`` compiled for sm_90: pointers typed by ``pointers``, other non-constant arguments
+    i32, ``constants`` (flags, tiles, unit strides) specialized as a launch does."""
+    signature = {name: pointers.get(name, "i32") for name in kernel.arg_names}
+    signature.update({name: "constexpr" for name in constants})
+    options = make_backend(HOPPER).parse_options({"num_warps": config.num_warps, "num_stages": config.num_stages})
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants), target=HOPPER,
+                          options=options.__dict__)
+
+
+def main() -> None:
+    report = {}
+    for name, (kernel, pointers, constants, config, _) in variants().items():
+        try:
+            compiled = compile_for_hopper(kernel, pointers, constants, config)
+            report[name] = {"shared": compiled.metadata.shared, "wgmma": "wgmma" in compiled.asm["ptx"]}
+        except Exception as e:  # noqa: BLE001  (each failure is reported by name)
+            report[name] = {"error": f"{type(e).__name__}: {str(e)[:2000]}"}
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
