@@ -16,11 +16,12 @@ step (forward, then ``out.backward(grad)`` with a fixed random ``grad``) of:
 
 Before timing, every implementation's output and input gradient are compared with those of the
 plainest one that ran (``moefx_ref``, else ``moefx``, else ``hf_eager``): the relative error
-``‖a − b‖ / ‖b‖`` is in the table, and one over the dtype's tolerance is reported as a MISMATCH,
-so a fast but wrong kernel cannot pass unseen. Steps are interleaved round-robin over the
-implementations so that drift on a shared machine hits all of them alike. It reports the median step time, ``dense/impl`` (1.0 = as fast as the
-dense limit, higher is better), moefx's speedup over each transformers implementation and, on
-CUDA, each step's peak memory above what was allocated before it.
+``‖a − b‖ / ‖b‖`` is in the table, and one over the dtype's tolerance is reported as a MISMATCH
+(exit status 1), so a fast but wrong kernel cannot pass unseen. Steps are interleaved
+round-robin over the implementations so that drift on a shared machine hits all of them alike.
+It reports the median step time, ``dense/impl`` (1.0 = as fast as the dense limit, higher is
+better), moefx's speedup over each transformers implementation and, on CUDA, each step's peak
+memory above what was allocated before it.
 
 Run it as ``moefx bench`` (or ``python benchmarks/bench_layer.py``, the same code):
 

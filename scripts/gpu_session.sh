@@ -18,7 +18,7 @@ out="${OUT:-/tmp/moefx-gpu}"
 mkdir -p "$out"
 py="${PYTHON:-python3}"
 
-"$py" -c "import moefx" 2>/dev/null || "$py" -m pip install -q --no-deps --no-build-isolation -e .
+"$py" -m pip install -q --no-deps --no-build-isolation -e .  # editable: quick, and safe to repeat
 {
   nvidia-smi -L || true
   "$py" -c "import torch, triton, moefx; print('torch', torch.__version__, 'triton', triton.__version__, 'moefx', moefx.__version__, 'from', moefx.__file__); print('gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else 'NONE')"
