@@ -84,7 +84,7 @@ CUDA_RATIO_TARGET = 0.8
 CHECK_REFERENCES = ("moefx_ref", "moefx", "hf_eager")
 # Largest relative error (output or input gradient) that counts as agreeing, per dtype: 16-bit
 # rounding, plus a few tokens whose near-tied top-k choice may flip between implementations.
-TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}  # the --dtype choices
 
 
 class SkipImpl(Exception):

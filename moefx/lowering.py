@@ -66,7 +66,8 @@ def export(model: nn.Module, path: str | Path, *, example_inputs: tuple, example
 def _exportable_output(output):
     """``output`` unchanged if a saved program can return it; else an error that names what it holds."""
     leaves = torch.utils._pytree.tree_leaves(output)
-    odd = sorted({type(x).__name__ for x in leaves if not isinstance(x, (torch.Tensor, int, float, bool, str, type(None)))})
+    returnable = (torch.Tensor, int, float, bool, str, type(None))
+    odd = sorted({type(x).__name__ for x in leaves if not isinstance(x, returnable)})
     if odd:
         raise ExportError(
             f"the model's output holds {', '.join(odd)}, which an exported program cannot return: make the forward "

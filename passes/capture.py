@@ -86,7 +86,8 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
 
 
 def _output_tensors(output) -> tuple[torch.Tensor, ...]:
-    """Every tensor in a forward's output, in order (mappings such as transformers' ModelOutput, lists and tuples walked)."""
+    """Every tensor in a forward's output, in order; mappings (transformers' ModelOutput), lists
+    and tuples are walked, anything else is left out."""
     if isinstance(output, torch.Tensor):
         return (output,)
     if isinstance(output, Mapping):
