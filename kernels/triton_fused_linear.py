@@ -10,7 +10,9 @@ Both run the kernels of ``triton_grouped_linear`` with their fused options (Scat
 - combine: the second linear multiplies each row by its routing weight in the epilogue and
   stores it at its slot (a permutation, so no two programs write one place); the K slots of a
   token are then summed in fp32, in choice order: no atomics. Backward: the output gradient is
-  gathered by token in the loads, and the routing weight scales it inside the dW kernel.
+  gathered by token in the loads; one kernel's epilogue scales dX by the routing weight and
+  takes the routing weights' gradient (a row dot with the forward input) from its accumulator,
+  and the routing weight scales dY inside the dW kernel.
 
 No device-to-host sync anywhere: every size comes from shapes, and the kernels read the offsets
 on the device. Tested on CPU under ``TRITON_INTERPRET=1``.
@@ -23,7 +25,7 @@ from torch import Tensor
 
 from moefx.kernels.dtypes import at_least_fp32
 from moefx.kernels.gather_grouped_linear import top_k_of
-from moefx.kernels.triton_grouped_linear import segment_matmul, segment_outer
+from moefx.kernels.triton_grouped_linear import segment_matmul, segment_matmul_row_dots, segment_outer
 
 
 def gather_grouped_linear_forward(
@@ -74,17 +76,20 @@ def grouped_linear_combine_backward(
     row_token_S = row_slot_S // K
     w_S = weights_TK.reshape(-1).index_select(0, row_slot_S)
     grad_h, grad_weights = h_SI.new_empty(0), weights_TK.new_empty(0)
-    if need_h or need_weights:
-        # The gradient of each row before its routing weight; dropped rows are zero.
-        gh_SI = segment_matmul(grad_out_TO, weight_EOI, None, offsets_E1, a_rows_S=row_token_S)
-        if need_weights:
-            grad_w_S = (gh_SI.to(acc_dtype) * h_SI.to(acc_dtype)).sum(1)
-            if bias_EO is not None:
-                grad_w_S += _bias_term(grad_out_TO, bias_EO, offsets_E1, row_token_S, acc_dtype)
-            flat = torch.empty_like(grad_w_S).scatter_(0, row_slot_S, grad_w_S)  # a permutation: no collisions
-            grad_weights = flat.view(T, K).to(weights_TK.dtype)
-        if need_h:
-            grad_h = (gh_SI.to(acc_dtype) * w_S.to(acc_dtype)[:, None]).to(h_SI.dtype)
+    if need_weights:
+        # One kernel: grad_h (each row's gradient times its routing weight, in the epilogue) and
+        # the routing weights' gradient rowsum(gh * h) from the unscaled fp32 accumulator.
+        grad_h, grad_w_S = segment_matmul_row_dots(
+            grad_out_TO, weight_EOI, offsets_E1, h_SI, a_rows_S=row_token_S, scale_S=w_S if need_h else None
+        )
+        grad_w_S = grad_w_S.to(acc_dtype)
+        if bias_EO is not None:
+            grad_w_S += _bias_term(grad_out_TO, bias_EO, offsets_E1, row_token_S, acc_dtype)
+        flat = torch.empty_like(grad_w_S).scatter_(0, row_slot_S, grad_w_S)  # a permutation: no collisions
+        grad_weights = flat.view(T, K).to(weights_TK.dtype)
+        grad_h = grad_h if need_h else h_SI.new_empty(0)
+    elif need_h:  # dropped rows are zero
+        grad_h = segment_matmul(grad_out_TO, weight_EOI, None, offsets_E1, a_rows_S=row_token_S, scale_S=w_S)
     grad_w, grad_b = weight_EOI.new_empty(0), weight_EOI.new_empty(0)
     if need_weight or need_bias:
         dw, db = segment_outer(grad_out_TO, h_SI, offsets_E1, E, need_bias, dy_rows_S=row_token_S, scale_S=w_S)

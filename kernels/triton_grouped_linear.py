@@ -16,7 +16,8 @@ expert's weight, a row) are int64: ``E * O * I`` passes 2^31 at fine-grained sha
 
 - ``segment_matmul``: ``out[r] = a[r] @ B_e (+ bias[e])`` for the rows r of expert e, where B_e
   is read through strides, so the forward (``B_e = W[e]^T``) and dX (``B_e = W[e]``) are one kernel.
-  Rows past ``offsets[E]`` are written as zeros.
+  Rows past ``offsets[E]`` are written as zeros. ``segment_matmul_row_dots`` also returns each
+  row's dot with a given ``[S, N]`` tensor, taken from the accumulator in the epilogue.
 - ``segment_outer``: ``dW[e] = dY_e^T @ X_e`` (and ``db[e] = sum dY_e``), one program per
   (expert, tile of dW): a loop over the expert's rows, so the reduction order is fixed
   (deterministic, no atomics).
@@ -45,16 +46,17 @@ GROUP_M = 8  # row tiles per group of segment_matmul's launch order (the Triton 
 
 @triton.jit
 def _segment_matmul_kernel(
-    a_ptr, b_ptr, bias_ptr, out_ptr, offsets_ptr, a_rows_ptr, out_rows_ptr, scale_ptr,
+    a_ptr, b_ptr, bias_ptr, out_ptr, offsets_ptr, a_rows_ptr, out_rows_ptr, scale_ptr, dot_with_ptr, dots_ptr,
     S, N, E, M_TILES, K: tl.constexpr,
-    stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_om, stride_on,
+    stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_om, stride_on, stride_dm, stride_dn,
     HAS_BIAS: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr, SCALE: tl.constexpr,
-    IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr,
+    ROW_DOTS: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     # Grouped ordering: GROUP_M row tiles, each with all its column tiles, then the next group.
     pid = tl.program_id(0)
-    in_group = GROUP_M * tl.cdiv(N, BN)
+    col_tiles = tl.cdiv(N, BN)
+    in_group = GROUP_M * col_tiles
     group_start = (pid // in_group) * GROUP_M
     group_rows = tl.minimum(M_TILES - group_start, GROUP_M)
     tile = group_start + (pid % in_group) % group_rows
@@ -90,6 +92,11 @@ def _segment_matmul_kernel(
                 acc = tl.dot(a, b, acc)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + e * N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        if ROW_DOTS:  # this column tile's share of rowsum(result * dot_with), before the scale
+            other = tl.load(dot_with_ptr + rows[:, None] * stride_dm + cols[None, :] * stride_dn,
+                            mask=row_ok[:, None] & (cols[None, :] < N), other=0.0)
+            tl.store(dots_ptr + rows * col_tiles + pid_n,
+                     tl.sum(acc * other.to(tl.float32), 1), mask=row_ok)
         if SCALE:  # a per-row factor (the routing weight) in the epilogue
             acc *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
         out_rows = rows
@@ -107,6 +114,8 @@ def _segment_matmul_kernel(
         zeros = tl.zeros((BM, BN), dtype=out_ptr.dtype.element_ty)
         tl.store(out_ptr + out_rows[:, None] * stride_om + cols[None, :] * stride_on, zeros,
                  mask=(rows[:, None] < S) & (cols[None, :] < N))
+        if ROW_DOTS:
+            tl.store(dots_ptr + rows * col_tiles + pid_n, tl.zeros((BM,), dtype=tl.float32), mask=rows < S)
 
 
 def segment_matmul(
@@ -119,30 +128,54 @@ def segment_matmul(
     so ``a`` may have any number of rows), ``scale_S`` multiplies row r's result by
     ``scale_S[r]``, and ``out_rows_S`` (a permutation of the S rows) stores row r at
     ``out[out_rows_S[r]]``."""
+    return _segment_matmul(a_MK, b_EKN, bias_EN, offsets_E1, a_rows_S, out_rows_S, scale_S, None)[0]
+
+
+def segment_matmul_row_dots(
+    a_MK: Tensor, b_EKN: Tensor, offsets_E1: Tensor, dot_with_SN: Tensor, *,
+    a_rows_S: Tensor | None = None, scale_S: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(out, dots_S)``: ``segment_matmul``'s ``out`` and, from the same fp32 accumulator before
+    the scale, ``dots_S[r] = sum_n (a[r] @ b[e])[n] * dot_with_SN[r, n]`` in fp32 (zero for dropped
+    rows). Each program stores its column tile's partial sum and the partials are added after the
+    kernel, in column order: no ``[S, N]`` fp32 product exists and no atomics are used."""
+    out, partials = _segment_matmul(a_MK, b_EKN, None, offsets_E1, a_rows_S, None, scale_S, dot_with_SN)
+    return out, partials.sum(1)
+
+
+def _segment_matmul(
+    a_MK: Tensor, b_EKN: Tensor, bias_EN: Tensor | None, offsets_E1: Tensor, a_rows_S: Tensor | None,
+    out_rows_S: Tensor | None, scale_S: Tensor | None, dot_with_SN: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
     K = a_MK.shape[1]
     S = a_MK.shape[0] if a_rows_S is None else a_rows_S.shape[0]
     E, _, N = b_EKN.shape
     out = a_MK.new_empty((S, N))
+    partials: dict[str, Tensor] = {}  # the last launch's row-dot partials [S, column tiles]
     unused = offsets_E1  # any tensor stands in for a pointer the kernel does not read
+    dot_with = dot_with_SN if dot_with_SN is not None else out
     flags = dict(HAS_BIAS=bias_EN is not None, GATHER_A=a_rows_S is not None, SCATTER_OUT=out_rows_S is not None,
-                 SCALE=scale_S is not None, IEEE=a_MK.dtype == torch.float32)
+                 SCALE=scale_S is not None, ROW_DOTS=dot_with_SN is not None, IEEE=a_MK.dtype == torch.float32)
 
     def launch(config: TileConfig) -> None:
         # Real tiles: at most cdiv(S, BM) + E; dropped-row tiles: at most cdiv(S, BM). One grid covers both.
         m_tiles = 2 * triton.cdiv(S, config.BM) + E
+        dots = out.new_empty((S, triton.cdiv(N, config.BN)), dtype=torch.float32) if flags["ROW_DOTS"] else unused
+        partials["dots"] = dots
         _segment_matmul_kernel[(m_tiles * triton.cdiv(N, config.BN),)](
             a_MK, b_EKN, bias_EN.contiguous() if bias_EN is not None else unused, out, offsets_E1,
             unused if a_rows_S is None else a_rows_S, unused if out_rows_S is None else out_rows_S,
-            unused if scale_S is None else scale_S,
+            unused if scale_S is None else scale_S, dot_with, dots,
             S, N, E, m_tiles, K,
             a_MK.stride(0), a_MK.stride(1), b_EKN.stride(0), b_EKN.stride(1), b_EKN.stride(2), out.stride(0), out.stride(1),
+            dot_with.stride(0), dot_with.stride(1),
             **flags, BM=config.BM, BN=config.BN, BK=config.BK, BE=triton.next_power_of_2(E), GROUP_M=GROUP_M,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
 
     key = ("matmul", N, K, E, rows_bucket(S), a_MK.dtype, b_EKN.stride(1) == 1, *flags.values())
     launch(TILES.choose(key, matmul_candidates(S, N, K), launch, can_time(a_MK.device)))
-    return out
+    return out, partials["dots"] if flags["ROW_DOTS"] else None
 
 
 @triton.jit

@@ -22,11 +22,13 @@ BIG = (32768, 28672, 4096)  # the Mixtral-like shape's first linear (rows, out, 
 
 
 def _matmul(dtype: str, config: TileConfig, K: int = 4096, experts: int = 8, **flags):
-    flags = dict(HAS_BIAS=False, GATHER_A=False, SCATTER_OUT=False, SCALE=False, IEEE=dtype == "fp32") | flags
-    pointers = {name: f"*{dtype}" for name in ("a_ptr", "b_ptr", "bias_ptr", "out_ptr")}
-    pointers |= {name: "*i64" for name in ("offsets_ptr", "a_rows_ptr", "out_rows_ptr")} | {"scale_ptr": "*fp32"}
+    flags = dict(HAS_BIAS=False, GATHER_A=False, SCATTER_OUT=False, SCALE=False, ROW_DOTS=False,
+                 IEEE=dtype == "fp32") | flags
+    pointers = {name: f"*{dtype}" for name in ("a_ptr", "b_ptr", "bias_ptr", "out_ptr", "dot_with_ptr")}
+    pointers |= {name: "*i64" for name in ("offsets_ptr", "a_rows_ptr", "out_rows_ptr")}
+    pointers |= {name: "*fp32" for name in ("scale_ptr", "dots_ptr")}
     constants = dict(flags, K=K, BM=config.BM, BN=config.BN, BK=config.BK, BE=triton.next_power_of_2(experts),
-                     GROUP_M=GROUP_M, stride_ak=1, stride_on=1)
+                     GROUP_M=GROUP_M, stride_ak=1, stride_on=1, stride_dn=1)
     return _segment_matmul_kernel, pointers, constants, config
 
 
@@ -55,6 +57,7 @@ def variants() -> dict[str, tuple]:
         found[f"outer-bf16-gather-{c}"] = (*_outer("bf16", c, GATHER_X=True), c.BM >= 64)
     first, first_outer = matmul_candidates(*BIG)[0], outer_candidates(*BIG)[0]
     found["matmul-bf16-combine"] = (*_matmul("bf16", first, SCATTER_OUT=True, SCALE=True, HAS_BIAS=True), True)
+    found["matmul-bf16-combine-backward"] = (*_matmul("bf16", first, GATHER_A=True, SCALE=True, ROW_DOTS=True), True)
     found["matmul-fp16-bias-odd-in"] = (*_matmul("fp16", first, K=40, HAS_BIAS=True), True)
     found["matmul-fp32-ieee-one-expert"] = (*_matmul("fp32", first, experts=1), False)
     found["outer-bf16-combine-backward"] = (*_outer("bf16", first_outer, GATHER_DY=True, SCALE=True, HAS_BIAS=True), True)

@@ -131,3 +131,23 @@ def test_unneeded_gradients_are_empty():
         slot_row.to(DEVICE), False, True, False,
     )
     assert dx.numel() == 0 and db.numel() == 0 and dw.shape == w.shape
+
+
+@pytest.mark.parametrize("need_h, need_weights", [(True, False), (False, True)])
+def test_combine_backward_gives_one_input_gradient_alone_as_it_does_with_all(need_h, need_weights):
+    """dH alone and the routing weights' gradient alone take other kernel variants than both together."""
+    t, row_slot, _, offsets = _case("nowhere", True)
+    E, I = t["w"].shape[0], t["h"].shape[1]
+    g = torch.Generator().manual_seed(2)
+    h, w, b = t["h"].float(), torch.randn(E, 24, I, generator=g), torch.randn(E, 24, generator=g)
+    args = [a.to(DEVICE) for a in (h, w, b, offsets, row_slot, t["weights"].float())]
+    dout = torch.randn(t["weights"].shape[0], 24, generator=g).to(DEVICE)
+    dh_all, _, _, dweights_all = grouped_linear_combine_backward(dout, *args, True, False, False, True)
+    dh, dw, db, dweights = grouped_linear_combine_backward(dout, *args, need_h, False, False, need_weights)
+    assert dw.numel() == 0 and db.numel() == 0
+    if need_h:
+        torch.testing.assert_close(dh, dh_all)
+        assert dweights.numel() == 0
+    else:
+        torch.testing.assert_close(dweights, dweights_all)
+        assert dh.numel() == 0
