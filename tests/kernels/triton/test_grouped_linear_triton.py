@@ -23,6 +23,9 @@ SEGMENTS = {
     "many-small": ([3, 0, 2, 7, 1, 0, 0, 4, 9, 5], 2),
     # more row tiles than one launch-order group holds (GROUP_M), the last group partial
     "many-row-tiles": ([150, 0, 213, 77, 1], 40),
+    # every segment ends in a partial 32-row tile, the dropped rows too: 10 row tiles, exactly the
+    # grid's bound cdiv(S, 32) + E, so a launch one row tile short leaves rows unwritten
+    "every-tile-partial": ([33, 33, 33, 65], 1),
 }
 
 
