@@ -8,7 +8,8 @@ the same experts. Gradients, for the average of every rank's loss (what DDP give
 - non-expert parameters (router, attention, norms, ...) are replicated: DDP over all ranks
   averages them. ``parallelize`` wraps the model in DDP, with the expert parameters left out,
   unless ``data_parallel=False`` (then bring your own, e.g. FSDP2's ``fully_shard`` over the
-  world for the rest, and leave the experts out of it).
+  world for the rest, with ``ignored_params=expert_parameters(model)``; examples/train_ep.py
+  ``--fsdp`` does it, and its losses equal DDP's).
 - expert parameters: rank (d, j) holds experts of column j; its backward already sums the
   gradient from the tokens of every rank of row d (they came through the all-to-all). A hook on
   each expert parameter sums that over the ``dp`` ranks and divides by the world size.
@@ -88,6 +89,14 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, data_parallel: bool = Tru
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_names)
     device = next(model.parameters()).device
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def expert_parameters(model: nn.Module) -> set[nn.Parameter]:
+    """Every MoE layer's expert weights: after ``parallelize`` they are sharded over ``ep`` and
+    their gradients synchronised by its hooks, so a data-parallel wrapper must leave them out
+    (FSDP2: ``fully_shard(block, mesh=world_mesh, ignored_params=expert_parameters(model))``)."""
+    return {param for _, layer in moe_layers(model) for name in EXPERT_PARAMETERS
+            if (param := getattr(layer.experts, name)) is not None}
 
 
 def _keep_local_experts(layer: MoE, ep_rank: int, ep_size: int) -> None:

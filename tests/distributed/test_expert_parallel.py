@@ -54,6 +54,18 @@ def test_training_steps_with_ep2_match_ep1(nproc, steps):
     assert len(set(ep2)) > 1, "the loss should change as the model trains"
 
 
+@pytest.mark.parametrize("nproc", [2, 4])  # EP 2 alone; EP 2 x DP 2, where the experts' dp hook runs too
+def test_fsdp2_for_the_rest_of_the_model_trains_like_ddp(nproc):
+    """``parallelize(data_parallel=False)`` then FSDP2 over every rank, the expert weights ignored
+    (``moefx.parallel.expert_parameters``): the losses of DDP, step for step."""
+    example = ROOT / "examples" / "train_ep.py"
+    fsdp = _losses(torchrun(nproc, example, "--ep-size", "2", "--steps", "3", "--fsdp"))
+    ddp = _losses(torchrun(nproc, example, "--ep-size", "2", "--steps", "3"))
+    assert len(fsdp) == len(ddp) == 3
+    assert fsdp == pytest.approx(ddp, rel=1e-6)
+    assert len(set(fsdp)) > 1, "the loss should change as the model trains"
+
+
 def test_checkpoint_saved_at_4_ranks_loads_at_2_and_at_1(tmp_path):
     worker = ROOT / "tests" / "distributed" / "worker.py"
     out = torchrun(4, worker, f"checkpoint_save:{tmp_path}")
