@@ -6,7 +6,9 @@ in least-recently-used order, never evicting an expert the running layer still n
 ``prefetch`` the loads run on one background thread (on a GPU, on a side stream): while a layer
 computes one expert, the next ones it needs are loading, and the experts the next layer will
 most likely need (by a running average of its routing, or all of them when they fit) are loaded
-when room allows. Without it, loads run in the caller's thread when an expert is asked for.
+when room allows. The next layer is the one that ran after this one last time (module order
+until a layer has run twice): models that run their layers out of module order, or an
+encoder-decoder whose decoder repeats while generating, prefetch the layer that actually comes. Without it, loads run in the caller's thread when an expert is asked for.
 
 All bookkeeping happens in the caller's thread; the loader thread only copies bytes into a slot
 it was handed, and the slot is not handed to anything else until that copy is done.
@@ -14,6 +16,7 @@ it was handed, and the slot is not handed to anything else until that copy is do
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,6 +28,7 @@ from torch import Tensor
 
 from moefx.expert_store import ExpertLayout
 
+LOADER_THREAD_PREFIX = "moefx-offload"
 _SCORE_DECAY = 0.7  # weight of the past in a layer's routing average (recent steps matter most in generation)
 
 
@@ -69,7 +73,9 @@ class ExpertCache:
         self._where: dict[tuple[int, int], _Slot] = {}
         self._scores = [[0.0] * E for E in num_experts]
         self._experts_used = list(num_experts)  # per layer, in its last call; before any, all of them
-        self._loader = ThreadPoolExecutor(1, thread_name_prefix="moefx-offload") if prefetch else None
+        self._successor: dict[int, int] = {}  # layer -> the layer that ran after it last time
+        self._last_layer: int | None = None
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix=LOADER_THREAD_PREFIX) if prefetch else None
         self._copy_stream = torch.cuda.Stream(device) if prefetch and device.type == "cuda" else None
         self._tick = 0
         self.reset_stats()
@@ -93,7 +99,10 @@ class ExpertCache:
         its weights resident, in the order they become available."""
         remaining = [e for e, n in enumerate(tokens_per_expert) if n]
         self._update_scores(layer, tokens_per_expert)
-        next_layer = (layer + 1) % len(self.layouts)
+        if self._last_layer is not None:
+            self._successor[self._last_layer] = layer
+        self._last_layer = layer
+        next_layer = self._successor.get(layer, (layer + 1) % len(self.layouts))
         if self.prefetch:
             self._load_ahead(layer, remaining)
             self._prefetch(next_layer, len(self.slots) - len(remaining), protected={(layer, e) for e in remaining})
@@ -263,6 +272,11 @@ class ExpertCache:
 
 
 def _shut_down(loader: ThreadPoolExecutor | None, store) -> None:
-    if loader is not None:
-        loader.shutdown(wait=True)
-    store.close()
+    try:
+        if loader is not None:
+            # The cache's last reference may go with the loader's last job, which runs this on the
+            # loader thread: that thread cannot wait for itself (and no other job is left).
+            on_loader = threading.current_thread().name.startswith(LOADER_THREAD_PREFIX)
+            loader.shutdown(wait=not on_loader)
+    finally:
+        store.close()

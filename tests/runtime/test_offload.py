@@ -246,3 +246,54 @@ def test_offloaded_models_refuse_training_and_saving(converted, tmp_path):
         moefx.save(offloaded, tmp_path / "again")
     with pytest.raises(ValueError, match="offloaded already"):
         moefx.offload(offloaded, device="cpu", budget_bytes=1 << 30)
+
+
+class _LayersRunBackwards(torch.nn.Module):
+    """MoE layers that run in reverse module order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(moefx.MoE(d_model=16, d_hidden=32, num_experts=4, top_k=2) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in reversed(self.layers):
+            x = x + layer(x)
+        return x
+
+
+def test_prefetch_loads_the_layer_that_runs_next_not_the_next_in_module_order():
+    torch.manual_seed(0)
+    model = _LayersRunBackwards().eval()
+    offloaded = moefx.offload(copy.deepcopy(model), device="cpu", budget_bytes=4 * _expert_bytes(model))
+    cache = offloaded._moefx_offload
+    waiting = []  # (layer starting, layers of the experts loaded ahead and not asked for yet)
+    for i, layer in enumerate(offloaded.layers):
+        layer.register_forward_pre_hook(
+            lambda module, args, i=i: waiting.append((i, {slot.key[0] for slot in cache.slots if slot.prefetched})))
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        for _ in range(3):  # the first forward shows the order; the second still starts with a guess
+            waiting.clear()
+            got = offloaded(x)
+        want = model(x)
+    assert [i for i, _ in waiting] == [2, 1, 0]
+    assert all(layers == {i} for i, layers in waiting), waiting
+    assert _rel(got, want) <= 1e-6
+
+
+def test_the_cache_shuts_down_on_its_own_loader_thread():
+    """The last reference to a cache can be dropped by its loader thread's last job; the
+    shutdown that follows runs there, and must neither join that thread nor skip closing files."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from moefx.expert_cache import LOADER_THREAD_PREFIX, _shut_down
+
+    class Store:
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    loader, store = ThreadPoolExecutor(1, thread_name_prefix=LOADER_THREAD_PREFIX), Store()
+    loader.submit(_shut_down, loader, store).result(timeout=10)
+    assert store.closed
