@@ -11,6 +11,7 @@ from torch import nn
 import moefx
 from moefx.artifact import ArtifactError
 from tests.passes.models import CASES
+from tests.runtime.saved_cases import convert_and_save
 
 
 def _out(result) -> torch.Tensor:
@@ -21,13 +22,7 @@ def _out(result) -> torch.Tensor:
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_load_onto_a_meta_dense_model_reproduces_the_converted_one(tmp_path, case):
-    torch.manual_seed(0)
-    model = case.build().eval()
-    args, kwargs = case.inputs()
-    moefx.moefy(model, num_experts=4, top_k=2, init="drop-upcycle", example_inputs=args, example_kwargs=kwargs)
-    moefx.save(model, tmp_path / "out")
-    with torch.device("meta"):
-        dense = case.build()
+    model, args, kwargs, dense = convert_and_save(case, tmp_path / "out", init="drop-upcycle")
     loaded = moefx.load(tmp_path / "out", dense).eval()
     assert loaded is dense
     assert [p for p, _ in moefx.moe_layers(loaded)] == [p for p, _ in moefx.moe_layers(model)]

@@ -14,6 +14,7 @@ from moefx.artifact import ArtifactError
 from moefx.experts import GroupedExperts
 from moefx.expert_store import ExpertLayout, OffloadError, stacked_expert_tensors
 from tests.passes.models import CASES
+from tests.runtime.saved_cases import convert_and_save
 
 VOCAB, EXPERTS = 128, 8
 
@@ -110,13 +111,7 @@ def test_offloaded_greedy_generation_equals_the_resident_model(converted, prefet
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in ("gpt2", "sequential", "albert_like")], ids=lambda c: c.name)
 def test_offload_handles_biases_plain_mlps_and_shared_layers(tmp_path, case):
-    torch.manual_seed(0)
-    model = case.build().eval()
-    args, kwargs = case.inputs()
-    moefx.moefy(model, num_experts=4, top_k=2, init="random", example_inputs=args, example_kwargs=kwargs)
-    moefx.save(model, tmp_path / "out")
-    with torch.device("meta"):
-        dense = case.build()
+    model, args, kwargs, dense = convert_and_save(case, tmp_path / "out", init="random")
     offloaded = moefx.offload(moefx.load(tmp_path / "out", dense, weights=False), device="cpu",
                               budget_bytes=2 * _expert_bytes(model), storage="disk", path=tmp_path / "out")
     with torch.no_grad():
