@@ -7,8 +7,9 @@ in least-recently-used order, never evicting an expert the running layer still n
 computes one expert, the next ones it needs are loading, and the experts the next layer will
 most likely need (by a running average of its routing, or all of them when they fit) are loaded
 when room allows. The next layer is the one that ran after this one last time (module order
-until a layer has run twice): models that run their layers out of module order, or an
-encoder-decoder whose decoder repeats while generating, prefetch the layer that actually comes. Without it, loads run in the caller's thread when an expert is asked for.
+until then): models that run their layers out of module order, or an encoder-decoder whose
+decoder repeats while generating, prefetch the layer that actually comes. Without ``prefetch``,
+loads run in the caller's thread when an expert is asked for.
 
 All bookkeeping happens in the caller's thread; the loader thread only copies bytes into a slot
 it was handed, and the slot is not handed to anything else until that copy is done.
