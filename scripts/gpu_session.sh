@@ -3,7 +3,8 @@
 # torch, triton and transformers (the device tool's machines; any CUDA box works too).
 #
 #   scripts/gpu_session.sh tests            # the tests that run on the GPU (Triton kernels, CUDA offload)
-#   scripts/gpu_session.sh bench [ARGS...]  # the issue's layer benchmark (ARGS replace the default shapes)
+#   scripts/gpu_session.sh bench [ARGS...]  # the issue's layer benchmark, a process and bench-SHAPE.json per
+#                                           # shape; ARGS: one `moefx bench` run with them instead (bench.json)
 #   scripts/gpu_session.sh all              # both, tests first
 #
 # moefx is installed from this checkout without dependencies (nothing is fetched). Logs and the
@@ -33,9 +34,19 @@ run_tests() {
 }
 
 run_bench() {
-  local args=("$@")
-  [ ${#args[@]} -eq 0 ] && args=(--shapes S1 S2 mixtral deepseek --repeats 11)
-  "$py" -m moefx.cli.bench "${args[@]}" --json "$out/bench.json" 2>&1 | tee "$out/bench.log"
+  if [ $# -gt 0 ]; then
+    "$py" -m moefx.cli.bench "$@" --json "$out/bench.json" 2>&1 | tee "$out/bench.log"
+    return
+  fi
+  # The issue's shapes, one process each: a shape that runs past the call's time limit leaves
+  # the finished ones' JSON behind. Every shape runs even if one reports a MISMATCH (exit 1).
+  local status=0 shape
+  : > "$out/bench.log"
+  for shape in S1 S2 mixtral deepseek; do
+    "$py" -m moefx.cli.bench --shapes "$shape" --repeats 11 --json "$out/bench-$shape.json" 2>&1 \
+      | tee -a "$out/bench.log" || status=1
+  done
+  return $status
 }
 
 case "$mode" in
