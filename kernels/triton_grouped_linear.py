@@ -4,8 +4,10 @@ Legend: S rows, I in features, O out features, E experts, BM/BN/BK tile sizes.
 
 No device-to-host sync: the launch grid is an upper bound known from shapes alone (the experts'
 rows and the dropped rows are E + 1 segments, each with at most one partial row tile, so at most
-``cdiv(S, BM) + E`` row tiles), and each program finds its segment and tile from the offsets on
-the device; programs past the real tiles (about E/2 row tiles' worth) return at once.
+``cdiv(S, BM) + E`` row tiles: ``row_tiles_bound``), and each program finds its expert and tile
+from the offsets on the device. The programs after the experts' tiles zero the dropped rows;
+those past them return at once (up to E row tiles' worth: about E/2 when every expert has rows,
+nearly all of the grid when few rows meet many experts).
 
 Program order, for the L2 cache: ``segment_matmul`` runs on a 1-D grid in groups of ``GROUP_M``
 row tiles, all column tiles of a group before the next group (the Triton tutorial's grouped
@@ -61,62 +63,68 @@ def _segment_matmul_kernel(
     group_rows = tl.minimum(M_TILES - group_start, GROUP_M)
     tile = group_start + (pid % in_group) % group_rows
     pid_n = (pid % in_group) // group_rows
-    # Segments 0..E-1 are the experts' rows; segment E, the dropped rows [offsets[E], S), is
-    # written as zeros. Tiles are numbered segment after segment; programs past the last exit.
-    segs = tl.arange(0, BE)
-    starts = tl.load(offsets_ptr + segs, mask=segs <= E, other=0).to(tl.int64)
-    ends = tl.load(offsets_ptr + segs + 1, mask=segs < E, other=0).to(tl.int64)
-    ends = tl.where(segs == E, S, ends)
-    tiles = tl.where(segs <= E, (ends - starts + BM - 1) // BM, 0)
+    experts = tl.arange(0, BE)
+    starts = tl.load(offsets_ptr + experts, mask=experts < E, other=0).to(tl.int64)
+    ends = tl.load(offsets_ptr + experts + 1, mask=experts < E, other=0).to(tl.int64)
+    tiles = tl.where(experts < E, (ends - starts + BM - 1) // BM, 0)
     first_tile = tl.cumsum(tiles, 0) - tiles
-    if tile < tl.sum(tiles, 0):
-        # The segment whose tiles contain this one: the last with first_tile <= tile and tiles > 0.
-        e = tl.max(tl.where((first_tile <= tile) & (tiles > 0), segs, -1), 0)
-        start = tl.sum(tl.where(segs == e, starts, 0), 0)
-        end = tl.sum(tl.where(segs == e, ends, 0), 0)
-        e_first = tl.sum(tl.where(segs == e, first_tile, 0), 0)
+    real_tiles = tl.sum(tiles, 0)
+    cols = pid_n * BN + tl.arange(0, BN)
+    if tile < real_tiles:
+        # The expert whose tiles contain this one: the last with first_tile <= tile and tiles > 0.
+        e = tl.max(tl.where((first_tile <= tile) & (tiles > 0), experts, -1), 0)
+        start = tl.sum(tl.where(experts == e, starts, 0), 0)
+        end = tl.sum(tl.where(experts == e, ends, 0), 0)
+        e_first = tl.sum(tl.where(experts == e, first_tile, 0), 0)
         rows = start + (tile - e_first) * BM + tl.arange(0, BM)
         row_ok = rows < end
-        cols = pid_n * BN + tl.arange(0, BN)
+        a_rows = rows
+        if GATHER_A:  # the gather fused into the loads: row r reads a[a_rows[r]]
+            a_rows = tl.load(a_rows_ptr + rows, mask=row_ok, other=0)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)
+            a = tl.load(a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak,
+                        mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
+            b = tl.load(b_ptr + e.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
+                        mask=(ks[:, None] < K) & (cols[None, :] < N), other=0.0)
+            if IEEE:  # fp32 in, fp32 math (torch's default); otherwise TF32 on recent GPUs
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + e * N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        if ROW_DOTS:  # this column tile's share of rowsum(result * dot_with), before the scale
+            other = tl.load(dot_with_ptr + rows[:, None] * stride_dm + cols[None, :] * stride_dn,
+                            mask=row_ok[:, None] & (cols[None, :] < N), other=0.0)
+            tl.store(dots_ptr + rows * col_tiles + pid_n, tl.sum(acc * other.to(tl.float32), 1), mask=row_ok)
+        if SCALE:  # a per-row factor (the routing weight) in the epilogue
+            acc *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
         out_rows = rows
         if SCATTER_OUT:  # row r is stored at out[out_rows[r]] (a permutation: no two rows collide)
             out_rows = tl.load(out_rows_ptr + rows, mask=row_ok, other=0)
-        out_mask = row_ok[:, None] & (cols[None, :] < N)
-        if e < E:
-            a_rows = rows
-            if GATHER_A:  # the gather fused into the loads: row r reads a[a_rows[r]]
-                a_rows = tl.load(a_rows_ptr + rows, mask=row_ok, other=0)
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-            for k0 in range(0, K, BK):
-                ks = k0 + tl.arange(0, BK)
-                a = tl.load(a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak,
-                            mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
-                b = tl.load(b_ptr + e.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
-                            mask=(ks[:, None] < K) & (cols[None, :] < N), other=0.0)
-                if IEEE:  # fp32 in, fp32 math (torch's default); otherwise TF32 on recent GPUs
-                    acc = tl.dot(a, b, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, b, acc)
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + e * N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-            if ROW_DOTS:  # this column tile's share of rowsum(result * dot_with), before the scale
-                other = tl.load(dot_with_ptr + rows[:, None] * stride_dm + cols[None, :] * stride_dn,
-                                mask=out_mask, other=0.0)
-                tl.store(dots_ptr + rows * col_tiles + pid_n, tl.sum(acc * other.to(tl.float32), 1), mask=row_ok)
-            if SCALE:  # a per-row factor (the routing weight) in the epilogue
-                acc *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-            tl.store(out_ptr + out_rows[:, None] * stride_om + cols[None, :] * stride_on,
-                     acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-        else:
-            zeros = tl.zeros((BM, BN), dtype=out_ptr.dtype.element_ty)
-            tl.store(out_ptr + out_rows[:, None] * stride_om + cols[None, :] * stride_on, zeros, mask=out_mask)
-            if ROW_DOTS:
-                tl.store(dots_ptr + rows * col_tiles + pid_n, tl.zeros((BM,), dtype=tl.float32), mask=row_ok)
+        tl.store(out_ptr + out_rows[:, None] * stride_om + cols[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (cols[None, :] < N))
+    else:
+        # The next programs zero the dropped rows [offsets[E], S), one row tile each; the rest
+        # (rows past S) store nothing. A separate branch at the top level, not one nested in the
+        # matmul's: nesting it made the compiler spill the accumulator on sm_90.
+        kept = tl.load(offsets_ptr + E).to(tl.int64)
+        rows = kept + (tile - real_tiles) * BM + tl.arange(0, BM)
+        out_rows = rows
+        if SCATTER_OUT:
+            out_rows = tl.load(out_rows_ptr + rows, mask=rows < S, other=0)
+        zeros = tl.zeros((BM, BN), dtype=out_ptr.dtype.element_ty)
+        tl.store(out_ptr + out_rows[:, None] * stride_om + cols[None, :] * stride_on, zeros,
+                 mask=(rows[:, None] < S) & (cols[None, :] < N))
+        if ROW_DOTS:
+            tl.store(dots_ptr + rows * col_tiles + pid_n, tl.zeros((BM,), dtype=tl.float32), mask=rows < S)
 
 
-def experts_block(num_experts: int) -> int:
-    """``BE``: the vector that holds every segment's bounds, the experts' and the dropped rows'."""
-    return triton.next_power_of_2(num_experts + 1)
+def row_tiles_bound(rows: int, block_rows: int, num_experts: int) -> int:
+    """Row tiles that cover every expert's rows and then the dropped rows, whatever the offsets:
+    E + 1 segments of ``rows`` rows in all, each adding at most one partial tile."""
+    return triton.cdiv(rows, block_rows) + num_experts
 
 
 def segment_matmul(
@@ -138,8 +146,9 @@ def segment_matmul_row_dots(
 ) -> tuple[Tensor, Tensor]:
     """``(out, dots_S)``: ``segment_matmul``'s ``out`` and, from the same fp32 accumulator before
     the scale, ``dots_S[r] = sum_n (a[r] @ b[e])[n] * dot_with_SN[r, n]`` in fp32 (zero for dropped
-    rows). Each program stores its column tile's partial sum and the partials are added after the
-    kernel, in column order: no ``[S, N]`` fp32 product exists and no atomics are used."""
+    rows). Each program stores its column tile's partial sum and one ``sum`` adds them after the
+    kernel (deterministic for a given shape): no ``[S, N]`` fp32 product exists and no atomics
+    are used."""
     out, partials = _segment_matmul(a_MK, b_EKN, None, offsets_E1, a_rows_S, None, scale_S, dot_with_SN)
     return out, partials.sum(1)
 
@@ -159,8 +168,7 @@ def _segment_matmul(
                  SCALE=scale_S is not None, ROW_DOTS=dot_with_SN is not None, IEEE=a_MK.dtype == torch.float32)
 
     def launch(config: TileConfig) -> None:
-        # E + 1 segments of S rows in all: each adds at most one partial tile, so at most cdiv(S, BM) + E.
-        m_tiles = triton.cdiv(S, config.BM) + E
+        m_tiles = row_tiles_bound(S, config.BM, E)
         dots = out.new_empty((S, triton.cdiv(N, config.BN)), dtype=torch.float32) if flags["ROW_DOTS"] else unused
         partials["dots"] = dots
         _segment_matmul_kernel[(m_tiles * triton.cdiv(N, config.BN),)](
@@ -170,7 +178,7 @@ def _segment_matmul(
             S, N, E, m_tiles, K,
             a_MK.stride(0), a_MK.stride(1), b_EKN.stride(0), b_EKN.stride(1), b_EKN.stride(2), out.stride(0), out.stride(1),
             dot_with.stride(0), dot_with.stride(1),
-            **flags, BM=config.BM, BN=config.BN, BK=config.BK, BE=experts_block(E), GROUP_M=GROUP_M,
+            **flags, BM=config.BM, BN=config.BN, BK=config.BK, BE=triton.next_power_of_2(E), GROUP_M=GROUP_M,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
 

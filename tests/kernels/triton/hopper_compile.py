@@ -13,7 +13,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 
-from moefx.kernels.triton_grouped_linear import GROUP_M, _segment_matmul_kernel, _segment_outer_kernel, experts_block
+from moefx.kernels.triton_grouped_linear import GROUP_M, _segment_matmul_kernel, _segment_outer_kernel
 from moefx.kernels.triton_route import _route_kernel
 from moefx.kernels.triton_tuning import TileConfig, matmul_candidates, outer_candidates
 
@@ -27,7 +27,7 @@ def _matmul(dtype: str, config: TileConfig, K: int = 4096, experts: int = 8, **f
     pointers = {name: f"*{dtype}" for name in ("a_ptr", "b_ptr", "bias_ptr", "out_ptr", "dot_with_ptr")}
     pointers |= {name: "*i64" for name in ("offsets_ptr", "a_rows_ptr", "out_rows_ptr")}
     pointers |= {name: "*fp32" for name in ("scale_ptr", "dots_ptr")}
-    constants = dict(flags, K=K, BM=config.BM, BN=config.BN, BK=config.BK, BE=experts_block(experts),
+    constants = dict(flags, K=K, BM=config.BM, BN=config.BN, BK=config.BK, BE=triton.next_power_of_2(experts),
                      GROUP_M=GROUP_M, stride_ak=1, stride_on=1, stride_dn=1)
     return _segment_matmul_kernel, pointers, constants, config
 

@@ -3,13 +3,19 @@ sizes, experts with zero rows, dropped rows, and tiles that straddle experts."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
 triton = pytest.importorskip("triton", reason="the Triton kernels need triton (pip install 'moefx[triton]')")
 
 from moefx.kernels import reference  # noqa: E402
-from moefx.kernels.triton_grouped_linear import grouped_linear_backward, grouped_linear_forward  # noqa: E402
+from moefx.kernels.triton_grouped_linear import (  # noqa: E402
+    grouped_linear_backward,
+    grouped_linear_forward,
+    row_tiles_bound,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -78,3 +84,17 @@ def test_unneeded_gradients_are_empty():
     dx, dw, db = grouped_linear_backward(_on(dy, torch.float32), _on(x, torch.float32), _on(w, torch.float32),
                                          offsets.to(DEVICE), False, True, False)
     assert dx.numel() == 0 and db.numel() == 0 and dw.shape == w.shape
+
+
+def test_the_launch_has_a_row_tile_for_every_split_of_the_rows():
+    """``row_tiles_bound`` (the grid) against the tiles a split needs, counted directly: the experts'
+    rows and the dropped rows, each segment in whole tiles. Never short, and exact in the worst case."""
+    rng = random.Random(0)
+    for _ in range(3000):
+        E, BM, S = rng.randint(1, 9), rng.choice([16, 32, 64, 128]), rng.randint(0, 700)
+        cuts = sorted(rng.randint(0, S) for _ in range(E))  # offsets[1:]; rows past the last are dropped
+        sizes = [b - a for a, b in zip([0, *cuts], cuts)] + [S - cuts[-1]]
+        assert sum(-(-n // BM) for n in sizes) <= row_tiles_bound(S, BM, E), (S, BM, sizes)
+    for E, BM in ((1, 16), (4, 32), (9, 128)):  # every segment, the dropped one too, ends in a partial tile
+        sizes = [BM + 1] * E + [1]
+        assert sum(-(-n // BM) for n in sizes) == row_tiles_bound(sum(sizes), BM, E)
