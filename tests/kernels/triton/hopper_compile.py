@@ -1,6 +1,7 @@
 """Compiles the Triton kernels for an H100 (sm_90) without a GPU, in a process of its own: run
 with TRITON_INTERPRET unset (under the interpreter the kernels are not compiled). Prints, as
-JSON, each variant's shared memory and whether its products use Hopper's wgmma, or its error.
+JSON, each variant's shared memory, whether its products use Hopper's wgmma and its loop is
+pipelined, its registers and spill stack, or its error.
 
     python -m tests.kernels.triton.hopper_compile
 """
@@ -8,6 +9,10 @@ JSON, each variant's shared memory and whether its products use Hopper's wgmma, 
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import tempfile
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -18,6 +23,7 @@ from moefx.kernels.triton_route import _route_kernel
 from moefx.kernels.triton_tuning import TileConfig, matmul_candidates, outer_candidates
 
 HOPPER = GPUTarget("cuda", 90, 32)
+SIZES = ("S", "N", "O", "I")  # the kernels' row and feature counts: multiples of 16 at the big shape
 BIG = (32768, 28672, 4096)  # the Mixtral-like shape's first linear (rows, out, in): a big shape's candidates
 
 
@@ -69,12 +75,41 @@ def variants() -> dict[str, tuple]:
 
 def compile_for_hopper(kernel, pointers: dict[str, str], constants: dict, config: TileConfig):
     """``kernel`` compiled for sm_90: pointers typed by ``pointers``, other non-constant arguments
-    i32, ``constants`` (flags, tiles, unit strides) specialized as a launch does."""
+    i32, ``constants`` (flags, tiles, unit strides) specialized as a launch does. As a launch on
+    the big shape's tensors does, pointers (torch aligns them), strides and sizes are marked
+    divisible by 16 (Triton specialises every such integer): without that a mask along a row
+    cannot be vectorised, the loop is not pipelined (no ``cp.async``, one stage of shared
+    memory), and the report would describe a kernel no launch runs."""
     signature = {name: pointers.get(name, "i32") for name in kernel.arg_names}
     signature.update({name: "constexpr" for name in constants})
+    divisible = [["tt.divisibility", 16]]
+    attrs = {(i,): divisible for i, name in enumerate(kernel.arg_names)
+             if name not in constants and (name in pointers or name.startswith("stride_") or name in SIZES)}
     options = make_backend(HOPPER).parse_options({"num_warps": config.num_warps, "num_stages": config.num_stages})
-    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants), target=HOPPER,
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs), target=HOPPER,
                           options=options.__dict__)
+
+
+def spill_free() -> set[str]:
+    """The variants at the tiles tried first (and run untimed where the tuner cannot time): their
+    accumulators must stay in registers, no local-memory stack."""
+    first, first_outer = matmul_candidates(*BIG)[0], outer_candidates(*BIG)[0]
+    return {f"matmul-bf16-gather-{first}", f"outer-bf16-gather-{first_outer}", "matmul-bf16-combine",
+            "matmul-bf16-combine-backward", "outer-bf16-combine-backward"}
+
+
+def registers_and_stack(cubin: bytes) -> tuple[int, int]:
+    """Registers per thread and local-memory stack bytes (spills), read by the cuobjdump that
+    Triton's CUDA backend bundles."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        usage = subprocess.run([str(tool), "-res-usage", str(path)], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+).*?STACK:(\d+)", usage)
+    if found is None:
+        raise RuntimeError(f"no REG/STACK in cuobjdump's output: {usage[-500:]}")
+    return int(found[1]), int(found[2])
 
 
 def main() -> None:
@@ -82,7 +117,10 @@ def main() -> None:
     for name, (kernel, pointers, constants, config, _) in variants().items():
         try:
             compiled = compile_for_hopper(kernel, pointers, constants, config)
-            report[name] = {"shared": compiled.metadata.shared, "wgmma": "wgmma" in compiled.asm["ptx"]}
+            ptx = compiled.asm["ptx"]
+            registers, stack = registers_and_stack(compiled.asm["cubin"])
+            report[name] = {"shared": compiled.metadata.shared, "wgmma": "wgmma" in ptx, "pipelined": "cp.async" in ptx,
+                            "registers": registers, "stack": stack}
         except Exception as e:  # noqa: BLE001  (each failure is reported by name)
             report[name] = {"error": f"{type(e).__name__}: {str(e)[:2000]}"}
     print(json.dumps(report))
