@@ -151,3 +151,28 @@ def test_combine_backward_gives_one_input_gradient_alone_as_it_does_with_all(nee
     else:
         torch.testing.assert_close(dweights, dweights_all)
         assert dh.numel() == 0
+
+
+def test_row_dots_add_every_column_tile():
+    """``segment_matmul_row_dots`` with N = 200 (four 64-wide column tiles, the last partial), a
+    gather, a scale and dropped rows, against a float64 loop over the rows."""
+    from moefx.kernels.triton_grouped_linear import segment_matmul_row_dots
+
+    g = torch.Generator().manual_seed(3)
+    T, K, N, E, sizes = 30, 24, 200, 3, [20, 0, 31]
+    S = sum(sizes) + 9  # the last 9 rows are dropped
+    offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()])
+    a, b = torch.randn(T, K, generator=g, dtype=torch.float64), torch.randn(E, K, N, generator=g, dtype=torch.float64)
+    rows, scale = torch.randint(0, T, (S,), generator=g), torch.rand(S, generator=g, dtype=torch.float64)
+    dot_with = torch.randn(S, N, generator=g, dtype=torch.float64)
+    want_out, want_dots = torch.zeros(S, N, dtype=torch.float64), torch.zeros(S, dtype=torch.float64)
+    for e in range(E):
+        for r in range(int(offsets[e]), int(offsets[e + 1])):
+            y = a[rows[r]] @ b[e]
+            want_out[r], want_dots[r] = y * scale[r], (y * dot_with[r]).sum()
+    out, dots = segment_matmul_row_dots(*(t.float().to(DEVICE) for t in (a, b)), offsets.to(DEVICE),
+                                        dot_with.float().to(DEVICE), a_rows_S=rows.to(DEVICE),
+                                        scale_S=scale.float().to(DEVICE))
+    assert dots.dtype == torch.float32
+    _check(out, want_out, torch.float32)
+    _check(dots, want_dots, torch.float32)
