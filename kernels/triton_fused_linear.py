@@ -82,7 +82,6 @@ def grouped_linear_combine_backward(
         grad_h, grad_w_S = segment_matmul_row_dots(
             grad_out_TO, weight_EOI, offsets_E1, h_SI, a_rows_S=row_token_S, scale_S=w_S if need_h else None
         )
-        grad_w_S = grad_w_S.to(acc_dtype)
         if bias_EO is not None:
             grad_w_S += _bias_term(grad_out_TO, bias_EO, offsets_E1, row_token_S, acc_dtype)
         flat = torch.empty_like(grad_w_S).scatter_(0, row_slot_S, grad_w_S)  # a permutation: no collisions

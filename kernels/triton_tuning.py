@@ -6,8 +6,9 @@ compiles it, then the median of a few batches of launches between CUDA events) a
 fastest; a candidate that fails (a tile needing more shared memory than the GPU has) is passed
 over. Later calls with that shape reuse the choice. A shape is the kernel, its flags, the
 feature sizes, the dtype, the number of experts and the row count rounded up to a power of two
-(token counts vary from step to step). Where nothing can be timed (the interpreter on CPU, or while a CUDA graph is
-being captured) the first candidate, a rule of thumb for the shape, runs untimed.
+(token counts vary from step to step). Where nothing can be timed (the interpreter on CPU, or
+while a CUDA graph is being captured) the first candidate, a rule of thumb for the shape, runs
+untimed.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import moefx
-from moefx.passes.capture import CaptureError
+from moefx.passes.capture import CaptureError, capture
 from moefx.passes.driver import search
 from tests.passes.models import ConvNet
 
@@ -236,6 +236,7 @@ class NonTensorOutput(nn.Module):
 
 def test_output_that_export_cannot_flatten_is_captured_and_forward_restored():
     model = NonTensorOutput()
+    assert capture(model, (X,)).method == "export"  # not the symbolic_trace fallback
     assert [m.path for m in moefx.find_ffns(model, (X,))] == ["mlp"]
     assert "forward" not in model.__dict__  # the class's forward is the model's forward again
     own = model.forward
