@@ -290,11 +290,11 @@ def _classify(down: Linear, leaves: list, mid: list[fx.Node], gm) -> _Region | R
     if bad:
         return Rejected(where, f"`{op_name(bad[0], gm)}` after the gate product is not supported (only dropout, casts, views)")
     gate, up = linears[gate_key[0]], linears[up_key[0]]
-    if not fused and _strip(gate.input, gm) is not _strip(up.input, gm):
+    entry = up.input if fused else _shared_input(gate.input, up.input, gm)
+    if entry is None:
         return Rejected(where, "the gate and up projections read different inputs")
     act_source = sources[gate_key]
     act = [n for n in gate_branch if n is not act_source] + [n for n in post if op_name(n, gm) in ("dropout", "feature_dropout")]
-    entry = _strip(up.input, gm) if not fused else up.input
     nodes = sorted({gate.node, up.node, *mid, down.node, *_casts_between(entry, (gate.input, up.input))})
     return _Region(down, up, None if fused else gate, fused, gate_key[1] in (None, 0), entry, nodes, act, act_source, rowwise)
 
@@ -322,10 +322,22 @@ def _branches(mid, source_a, source_b):
     return a, b, joint, after
 
 
-def _strip(node: fx.Node, gm) -> fx.Node:
-    while isinstance(node, fx.Node) and op_name(node, gm) in CASTS | {"contiguous", "clone", "alias"}:
+def _shared_input(a: fx.Node, b: fx.Node, gm) -> fx.Node | None:
+    """The nearest value both projections read, through casts and copies (``gate(x.float()) * up(x)``).
+
+    Nearest, not the end of the cast chain: a norm's closing ``.to(dtype)`` / ``type_as(x)`` feeds both
+    projections, and may also feed attention (Cohere) or read the residual (Gemma); it is the entry.
+    """
+    chain = _cast_chain(a, gm)
+    return next((node for node in _cast_chain(b, gm) if node in chain), None)
+
+
+def _cast_chain(node: fx.Node, gm) -> list[fx.Node]:
+    chain = [node]
+    while op_name(node, gm) in CASTS | {"contiguous", "clone", "alias"}:
         node = tensor_inputs(node)[0]
-    return node
+        chain.append(node)
+    return chain
 
 
 def _casts_between(entry: fx.Node, inputs) -> list[fx.Node]:

@@ -122,6 +122,56 @@ def test_channels_last_pointwise_mlp_converts():
     torch.testing.assert_close(model(x), dense, rtol=1e-5, atol=1e-6)
 
 
+class CastNorm(nn.Module):
+    """Gemma's RMSNorm: computed in fp32, then cast back with ``type_as`` of its input (the residual)."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d) * 0.1)
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return (h * (1 + self.weight.float())).type_as(x)
+
+
+class GLU(nn.Module):
+    def __init__(self, gate_reads_a_copy: bool = False) -> None:
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(16, 32), nn.Linear(16, 32), nn.Linear(32, 16)
+        self.gate_reads_a_copy = gate_reads_a_copy
+
+    def forward(self, x):
+        g = self.gate(x.clone() if self.gate_reads_a_copy else x)
+        return self.down(F.silu(g) * self.up(x))
+
+
+class CastNormBlock(nn.Module):
+    """The norm's closing cast feeds the gated MLP (Gemma, Olmo); ``parallel``: attention reads it too (Cohere)."""
+
+    def __init__(self, parallel: bool = False, gate_reads_a_copy: bool = False) -> None:
+        super().__init__()
+        self.norm, self.mlp = CastNorm(), GLU(gate_reads_a_copy)
+        self.mix = nn.Linear(16, 16) if parallel else None
+
+    def forward(self, x):
+        h = self.norm(x)
+        out = x + self.mlp(h)
+        return out if self.mix is None else out + self.mix(h).softmax(dim=1)  # softmax over tokens
+
+
+@pytest.mark.parametrize(
+    "parallel, gate_reads_a_copy", [(False, False), (True, False), (False, True)],
+    ids=["cast-reads-the-residual", "cast-also-feeds-attention", "gate-reads-a-copy"],
+)
+def test_gated_ffn_entry_is_the_nearest_value_both_projections_read(parallel, gate_reads_a_copy):
+    model = CastNormBlock(parallel, gate_reads_a_copy)
+    assert [(m.path, m.kind) for m in _matches(model)] == [("mlp", "glu")], _reasons(model)
+    dense = model(X)
+    moefx.moefy(model, 4, 2, example_inputs=(X,))
+    torch.testing.assert_close(model(X), dense, rtol=1e-5, atol=1e-6)
+
+
 class BufferWeights(nn.Module):
     def __init__(self) -> None:
         super().__init__()
