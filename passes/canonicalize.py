@@ -12,8 +12,8 @@
     call_module[fc1] (nn.Linear)                   %y = normal_form.linear(%x, %fc1.weight, bias=%fc1.bias)
 
 Forms: ``linear``/``F.linear``, ``addmm`` (with the views around it when the shapes show they
-only flatten the leading dims), ``mm``/``matmul`` (+ ``add`` of a 1-D bias), ``nn.Linear``
-modules, with the weight as stored (``[out, in]``) or transposed (``[in, out]``, or read through
+only flatten the leading dims), ``mm``/``matmul`` (+ ``add`` of a 1-D bias), an ``einsum`` that
+contracts the input's last axis with a 2-D parameter (``"bsd,dh->bsh"``), ``nn.Linear`` modules, with the weight as stored (``[out, in]``) or transposed (``[in, out]``, or read through
 ``t``/``transpose``/``permute``). Activations and no-ops stay as they are: ``ops`` classifies them
 (pointwise ops are one class; dropout, identity and casts are transparent) and ``activation``
 names an activation when a match needs it. The graph still computes what the model computes.
@@ -48,11 +48,13 @@ def canonicalize(gm: fx.GraphModule) -> Canonicalized:
         elif name == "linear" and node.op == "call_module":
             rewritten += _from_module(gm, node)
         elif name == "linear" and not normal_form.is_linear(node):
-            rewritten += _replace(node, node.args[0], arg(node, 1, "weight"), arg(node, 2, "bias"), False, node)
+            rewritten += _from_linear(node)
         elif name == "addmm":
             rewritten += _from_addmm(gm, node)
         elif name in ("mm", "matmul"):
             rewritten += _from_matmul(gm, node)
+        elif name == "einsum":
+            rewritten += _from_einsum(node)
     if rewritten or erased:
         graph.eliminate_dead_code()
         graph.lint()
@@ -85,6 +87,14 @@ def _from_module(gm: fx.GraphModule, node: fx.Node) -> int:
     _replace(node, node.args[0], weight, bias, False, node)
     graph.erase_node(node)
     return 1
+
+
+def _from_linear(node: fx.Node) -> int:
+    weight, transposed = arg(node, 1, "weight"), False
+    source = _weight_source(weight)
+    if source is not None:  # F.linear(x, W.t()): W is stored [in, out]
+        weight, transposed = source[0], not source[1]
+    return _replace(node, node.args[0], weight, arg(node, 2, "bias"), transposed, node)
 
 
 def _weight_source(node) -> tuple[fx.Node, bool] | None:
@@ -161,3 +171,36 @@ def _from_addmm(gm: fx.GraphModule, node: fx.Node) -> int:
             x, last = x2d.args[0], unflatten
     _replace(node, x, weight, bias, transposed, last)
     return 1
+
+
+def _from_einsum(node: fx.Node) -> int:
+    """``einsum("...d,dh->...h", x, W)`` (or ``hd``): the input's last axis against a 2-D parameter."""
+    equation, operands = node.args[0], node.args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = operands[0]
+    if not isinstance(equation, str) or len(operands) != 2 or node.kwargs:
+        return 0
+    x, w = operands
+    source, layout = _weight_source(w), _einsum_weight_layout(equation.replace(" ", ""))
+    if source is None or layout is None:
+        return 0
+    weight, read_as_stored = source  # read through W.t(): the layout flips
+    return _replace(node, x, weight, None, layout == read_as_stored, node)
+
+
+def _einsum_weight_layout(equation: str) -> bool | None:
+    """For ``"<x>,<w>-><out>"``: True when w is ``[in, out]``, False when ``[out, in]``, None when not a linear."""
+    if "->" not in equation or equation.count(",") != 1:
+        return None
+    inputs, out = equation.split("->")
+    x, w = inputs.split(",")
+    x_axes, out_axes = x.replace("...", "."), out.replace("...", ".")
+    if len(w) != 2 or "." in w or not x_axes or not out_axes or len(set(x_axes)) != len(x_axes):
+        return None
+    contracted = x_axes[-1]
+    if contracted not in w or w[0] == w[1] or contracted in out_axes:
+        return None
+    produced = w[1] if w[0] == contracted else w[0]
+    if out_axes != x_axes[:-1] + produced or produced in x_axes:
+        return None
+    return w[0] == contracted

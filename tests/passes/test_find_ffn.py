@@ -77,6 +77,53 @@ def test_fused_gate_up_in_either_order_converts_exactly(gate_first, slicing):
     torch.testing.assert_close(model(X), dense, rtol=1e-5, atol=1e-6)
 
 
+class WrittenFFN(nn.Module):
+    """An FFN whose projections are written without nn.Linear, each way a linear can be spelled."""
+
+    FORMS = {
+        "f.linear(w.t())": lambda x, w: F.linear(x, w.t()),
+        "x@w": lambda x, w: x @ w,
+        "matmul": lambda x, w: torch.matmul(x, w),
+        "einsum": lambda x, w: torch.einsum("bsd,dh->bsh", x, w),
+        "einsum(w.t())": lambda x, w: torch.einsum("...d,hd->...h", x, w.t()),
+    }
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.w_in = nn.Parameter(torch.randn(16, 32) / 4)  # stored [in, out]
+        self.w_out = nn.Parameter(torch.randn(32, 16) / 6)
+        self.project = self.FORMS[form]
+
+    def forward(self, x):
+        return x + self.project(F.gelu(self.project(x, self.w_in)), self.w_out)
+
+
+@pytest.mark.parametrize("form", WrittenFFN.FORMS)
+def test_every_spelling_of_a_linear_is_one_projection(form):
+    model = nn.Sequential(WrittenFFN(form))
+    (match,) = _matches(model)
+    assert (match.d_model, match.d_hidden, match.activation) == (16, 32, "gelu")
+    assert moefx.find_ffns(model) == [match]  # symbolic_trace's graph, without example inputs
+    dense = model(X)
+    moefx.moefy(model, 4, 2, example_inputs=(X,))
+    torch.testing.assert_close(model(X), dense, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "equation, layout",
+    [
+        ("bsd,dh->bsh", True), ("bsd,hd->bsh", False), ("...d,df->...f", True), ("b s d, h d -> b s h", False),
+        ("bsd,dh->bhs", None),  # the output's axes are permuted
+        ("bsd,sh->bdh", None),  # contracts the sequence axis: token mixing
+        ("bsd,dd->bsd", None), ("bsd,dh,hk->bsk", None), ("bsd,dh", None), ("bsd,bdh->bsh", None),
+    ],
+)
+def test_einsum_is_a_linear_only_when_it_contracts_the_last_axis_into_the_last(equation, layout):
+    from moefx.passes.canonicalize import _einsum_weight_layout
+
+    assert _einsum_weight_layout(equation.replace(" ", "")) is layout
+
+
 class TokenMixer(nn.Module):
     """MLP-Mixer: a token-mixing MLP (over the sequence axis) and a channel MLP."""
 
