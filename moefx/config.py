@@ -43,6 +43,8 @@ class MoEConfig:
     every expert at ``ceil(capacity_factor * tokens * top_k / num_experts)`` slots per forward.
     ``routed_scale`` multiplies the routed experts' combined output (the ``split`` init sets it
     to ``num_experts``). ``num_shared_experts`` adds always-on experts of ``d_hidden`` each.
+    ``feature_axis`` is the input's axis of ``d_model`` features: -1 (``..., D``), or 1 for the
+    channels-first input of 1x1 convolutions (``N, D, H, W``; moefy sets it).
     """
 
     d_model: int
@@ -61,6 +63,7 @@ class MoEConfig:
     z_loss_coef: float = 0.001
     routed_scale: float = 1.0
     num_shared_experts: int = 0
+    feature_axis: int = -1
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_hidden", "num_experts"):
@@ -105,6 +108,10 @@ class MoEConfig:
         _require(
             _is_int(self.num_shared_experts) and self.num_shared_experts >= 0,
             "num_shared_experts", self.num_shared_experts, "must be an integer >= 0",
+        )
+        _require(
+            _is_int(self.feature_axis) and self.feature_axis in (-1, 1), "feature_axis", self.feature_axis,
+            "must be -1 (features last) or 1 (channels first)",
         )
 
     def _resolve_routing(self) -> None:

@@ -118,17 +118,25 @@ class MoE(nn.Module):
         return moe
 
     def forward(self, x: Tensor) -> Tensor:
-        D = self.config.d_model
-        if x.shape[-1] != D:
+        D, axis = self.config.d_model, self.config.feature_axis
+        if x.dim() <= max(axis, 0) or x.shape[axis] != D:
+            where, layout = (
+                ("last dimension", f"(..., {D})") if axis == -1 else ("dimension 1 (feature_axis=1)", f"(N, {D}, ...)")
+            )
             raise ValueError(
-                f"MoE(d_model={D}) got an input of shape {tuple(x.shape)}: its last dimension must be {D}, "
-                f"i.e. shape (..., {D})"
+                f"MoE(d_model={D}) got an input of shape {tuple(x.shape)}: its {where} must be {D}, i.e. shape {layout}"
             )
         if x.dtype != self.experts.dtype:
             raise ValueError(
                 f"MoE got an input of dtype {x.dtype} but its weights are {self.experts.dtype}: "
                 f"cast the input, or the layer with .to({x.dtype})"
             )
+        if axis != -1:  # channels-first input (1x1 convolutions): route the feature vectors as rows
+            return self._forward_rows(x.movedim(axis, -1)).movedim(-1, axis)
+        return self._forward_rows(x)
+
+    def _forward_rows(self, x: Tensor) -> Tensor:
+        D = self.config.d_model
         x_TD = x.reshape(-1, D)
         routing = self.router(x_TD)
         capacity = self.config.capacity(x_TD.shape[0])

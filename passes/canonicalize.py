@@ -13,8 +13,10 @@
 
 Forms: ``linear``/``F.linear``, ``addmm`` (with the views around it when the shapes show they
 only flatten the leading dims), ``mm``/``matmul`` (+ ``add`` of a 1-D bias), an ``einsum`` that
-contracts the input's last axis with a 2-D parameter (``"bsd,dh->bsh"``), ``nn.Linear`` modules, with the weight as stored (``[out, in]``) or transposed (``[in, out]``, or read through
-``t``/``transpose``/``permute``). Activations and no-ops stay as they are: ``ops`` classifies them
+contracts the input's last axis with a 2-D parameter (``"bsd,dh->bsh"``), ``nn.Linear`` modules,
+with the weight as stored (``[out, in]``) or transposed (``[in, out]``, or read through
+``t``/``transpose``/``permute``); and a pointwise (1x1, stride 1, one group) convolution, a
+linear over axis 1 of its channels-first input (``channels_first=True``). Activations and no-ops stay as they are: ``ops`` classifies them
 (pointwise ops are one class; dropout, identity and casts are transparent) and ``activation``
 names an activation when a match needs it. The graph still computes what the model computes.
 """
@@ -27,7 +29,7 @@ from operator import attrgetter
 from torch import fx, nn
 
 from moefx.passes import normal_form
-from moefx.passes.ops import ASSERTIONS, arg, op_name, shape_of
+from moefx.passes.ops import ASSERTIONS, CONVOLUTIONS, arg, op_name, shape_of
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ def canonicalize(gm: fx.GraphModule) -> Canonicalized:
             erased += 1
         elif name == "linear" and node.op == "call_module":
             rewritten += _from_module(gm, node)
+        elif name in CONVOLUTIONS and "transpose" not in name:
+            rewritten += _from_pointwise_conv(gm, node)
         elif name == "linear" and not normal_form.is_linear(node):
             rewritten += _from_linear(node)
         elif name == "addmm":
@@ -63,12 +67,13 @@ def canonicalize(gm: fx.GraphModule) -> Canonicalized:
     return Canonicalized(linears=linears, rewritten=rewritten, erased=erased)
 
 
-def _replace(old: fx.Node, x, weight, bias, transposed: bool, last: fx.Node) -> int:
+def _replace(old: fx.Node, x, weight, bias, transposed: bool, last: fx.Node, channels_first: bool = False) -> int:
     """Insert the normal form before ``old`` and send ``last``'s users to it."""
+    kwargs = {"bias": bias, "transposed": transposed}
+    if channels_first:
+        kwargs["channels_first"] = True
     with old.graph.inserting_before(old):
-        new = old.graph.call_function(
-            normal_form.linear, (x, weight), {"bias": bias, "transposed": transposed}
-        )
+        new = old.graph.call_function(normal_form.linear, (x, weight), kwargs)
     new.meta = dict(last.meta)
     new.meta["nn_module_stack"] = old.meta.get("nn_module_stack", last.meta.get("nn_module_stack"))
     last.replace_all_uses_with(new)
@@ -87,6 +92,46 @@ def _from_module(gm: fx.GraphModule, node: fx.Node) -> int:
     _replace(node, node.args[0], weight, bias, False, node)
     graph.erase_node(node)
     return 1
+
+
+def _from_pointwise_conv(gm: fx.GraphModule, node: fx.Node) -> int:
+    """A 1x1 convolution (stride 1, no padding, one group) is a linear over axis 1; others stay."""
+    if node.op == "call_module":
+        conv = gm.get_submodule(node.target)
+        pointwise = _is_pointwise_conv(conv.weight.shape, conv.stride, conv.padding, conv.groups)
+        if conv.padding_mode != "zeros" or not pointwise:
+            return 0
+        with gm.graph.inserting_before(node):
+            weight = gm.graph.get_attr(f"{node.target}.weight")
+            bias = gm.graph.get_attr(f"{node.target}.bias") if conv.bias is not None else None
+        for n in (weight, bias):
+            if n is not None:
+                n.meta["nn_module_stack"] = node.meta.get("nn_module_stack")
+        _replace(node, node.args[0], weight, bias, False, node, channels_first=True)
+        gm.graph.erase_node(node)
+        return 1
+    weight, bias = arg(node, 1, "weight"), arg(node, 2, "bias")
+    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+        return 0
+    if op_name(node) == "convolution":  # aten: (x, w, b, stride, padding, dilation, transposed, output_padding, groups)
+        if arg(node, 6, "transposed", False):
+            return 0
+        stride, padding, groups = arg(node, 3, "stride", 1), arg(node, 4, "padding", 0), arg(node, 8, "groups", 1)
+    else:
+        stride, padding, groups = arg(node, 3, "stride", 1), arg(node, 4, "padding", 0), arg(node, 6, "groups", 1)
+    if not _is_pointwise_conv(attrgetter(weight.target)(gm).shape, stride, padding, groups):
+        return 0
+    return _replace(node, node.args[0], weight, bias, False, node, channels_first=True)
+
+
+def _is_pointwise_conv(weight_shape, stride, padding, groups) -> bool:
+    def ints(v):
+        return [v] if isinstance(v, int) else list(v)
+
+    return (
+        len(weight_shape) >= 3 and all(k == 1 for k in weight_shape[2:]) and groups == 1
+        and all(s == 1 for s in ints(stride)) and (padding in ("valid", "same") or all(p == 0 for p in ints(padding)))
+    )
 
 
 def _from_linear(node: fx.Node) -> int:

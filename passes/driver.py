@@ -78,6 +78,8 @@ def conversion_options(
         raise ValueError(f"init={init!r} is unknown: must be one of {list(INIT_STRATEGIES)}")
     if split_by not in SPLIT_METHODS:
         raise ValueError(f"split_by={split_by!r} is unknown: must be one of {list(SPLIT_METHODS)}")
+    if "feature_axis" in moe_options:
+        raise ValueError("feature_axis is not an option of moefy: it is read from each FFN (1 for 1x1 convolutions)")
     MoEConfig(d_model=1, d_hidden=1, num_experts=num_experts, top_k=top_k, gate=gate, capacity_factor=capacity_factor,
               **moe_options)
     plan([], include=include, exclude=exclude, every=every)

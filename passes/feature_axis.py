@@ -3,9 +3,10 @@
 An MoE routes rows over the feature axis. ``x @ W`` is an FFN over features only when the last
 axis of ``x`` is the feature axis: MLP-Mixer's token-mixing MLP transposes so that the *sequence*
 axis is last, while ConvNeXt permutes NCHW to NHWC so that the channels are. The axis is followed
-forward from where it is known (linear, norm and embedding outputs: last; convolutions: 1)
-through pointwise ops, permutes and views. Axes are negative (-1 is last); None means unknown,
-which a caller treats as "last" (the PyTorch convention for model inputs).
+forward from where it is known (linear, norm and embedding outputs: last; convolutions, and
+linears over channels-first input (1x1 convolutions): 1) through pointwise ops, permutes and
+views. Axes are negative (-1 is last); None means unknown, which a caller treats as "last" (the
+PyTorch convention for model inputs).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from math import prod
 from torch import fx
 
 from moefx.passes import normal_form
-from moefx.passes.ops import LAYOUT, PERMUTES, ROW_OPS, TRANSPARENT, arg, is_pointwise, op_name, shape_of, tensor_inputs
+from moefx.passes.ops import CONVOLUTIONS, LAYOUT, PERMUTES, ROW_OPS, TRANSPARENT, arg, is_pointwise, op_name, shape_of, tensor_inputs
 
 _LAST_AXIS_PRODUCERS = frozenset({"embedding", "layer_norm", "rms_norm", "softmax", "scaled_dot_product_attention"})
 _DEPTH = 64
@@ -25,11 +26,14 @@ def feature_axis(node: fx.Node, root=None, _depth: int = 0) -> int | None:
     if _depth > _DEPTH or not isinstance(node, fx.Node):
         return None
     if normal_form.is_linear(node):
+        if node.kwargs.get("channels_first"):
+            ndim = _ndim(node)
+            return None if ndim is None else 1 - ndim
         return -1
     name = op_name(node, root)
     if name in _LAST_AXIS_PRODUCERS or name in ROW_OPS:
         return -1
-    if name == "convolution":
+    if name in CONVOLUTIONS:
         ndim = _ndim(node)
         return None if ndim is None else 1 - ndim
     inputs = tensor_inputs(node)

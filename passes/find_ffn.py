@@ -56,6 +56,7 @@ class FFNMatch:
     gate_first: bool = True  # for a fused projection: the gate is the first half
     up_transposed: bool = False  # weights stored [in, out] (GPT-2's Conv1D)
     down_transposed: bool = False
+    channels_first: bool = False  # 1x1 convolutions: the features are axis 1 of the input (N, C, ...)
     up_bias: str | None = None
     gate_bias: str | None = None
     down_bias: str | None = None
@@ -383,8 +384,17 @@ def _verify(region: _Region, gm, routing_scopes: dict, dominance: Dominance) -> 
         return f"down projection reads {region.down.in_features} features, the up projection gives {h}"
     if region.down.out_features != d:
         return f"maps {d} → {h} → {region.down.out_features}: not d → h → d (the output width differs from the input's)"
+    if len({lin.channels_first for lin in projections}) > 1:
+        return "mixes 1x1 convolutions and linears: its projections read different axes"
+    if region.up.channels_first:
+        odd = next((n for n in region.nodes if not normal_form.is_linear(n) and not _elementwise_alone(n, gm)), None)
+        if odd is not None:
+            return (
+                f"`{op_name(odd, gm)}` between its 1x1 convolutions: a channels-first FFN converts with elementwise "
+                "ops only between its projections (no reshapes, norms or per-channel parameters)"
+            )
     axis = feature_axis(region.entry, gm)
-    if axis is not None and axis != -1:
+    if axis is not None and axis != -1 and not region.up.channels_first:  # a 1x1 convolution's axis is 1
         return (
             f"token-mixing MLP: its input's last axis is not the feature axis (features are on axis {axis}), "
             "so it acts across the sequence, not on each token"
@@ -401,6 +411,14 @@ def _verify(region: _Region, gm, routing_scopes: dict, dominance: Dominance) -> 
         if not dominance.post_dominates(y, node):
             return f"not single-exit: `{node.name}` reaches the model's outputs without passing through `{y.name}`"
     return None
+
+
+def _elementwise_alone(node: fx.Node, gm) -> bool:
+    """An op that acts on each element by itself, reading no parameter or constant (whose shape
+    would broadcast against channels-first input, not against the MoE's rows)."""
+    if any(n.op == "get_attr" for n in node.all_input_nodes):
+        return False
+    return op_name(node, gm) in TRANSPARENT or is_pointwise(node, gm)
 
 
 # ── grouping calls, naming, placement ────────────────────────────────────────────────────────
@@ -433,7 +451,7 @@ def _match(r: _Region, calls: int, placement: Placement, gm) -> FFNMatch:
         d_hidden=up.out_features // (2 if r.fused else 1), activation=name,
         bias=any(x.bias for x in (up, down, gate) if x is not None), up=up.weight, down=down.weight,
         gate=gate.weight if gate else None, fused=r.fused, gate_first=r.gate_first,
-        up_transposed=up.transposed, down_transposed=down.transposed, up_bias=up.bias,
+        up_transposed=up.transposed, down_transposed=down.transposed, channels_first=up.channels_first, up_bias=up.bias,
         gate_bias=gate.bias if gate else None, down_bias=down.bias, rowwise_mid=r.rowwise_mid, calls=calls,
         location=f"{up.node.name} → {down.node.name}", placement=placement,
     )

@@ -30,6 +30,10 @@ PERMUTES = frozenset({"transpose", "permute", "t", "movedim", "swapaxes", "mT"})
 ROW_REDUCTIONS = frozenset({"mean", "sum", "amax", "amin", "var", "std", "norm", "logsumexp"})
 # Row-wise ops over the last dimension with a module of their own (norms, softmax).
 ROW_OPS = frozenset({"layer_norm", "rms_norm", "softmax", "_softmax", "log_softmax"})
+# Convolutions, by their export (ATen) and symbolic_trace names; their features are axis 1.
+CONVOLUTIONS = frozenset({
+    "convolution", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+})
 # Ops that mix tokens: what an attention block's output projection reads from.
 ATTENTION = frozenset({
     "scaled_dot_product_attention", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",

@@ -57,7 +57,8 @@ def rewrite(model: nn.Module, plan: Plan, *, num_experts: int, top_k: int, init:
         if match.path in skipped:
             continue
         template = _template(model, match)
-        moe = MoE.from_ffn(template, num_experts=num_experts, top_k=top_k, init=init, **options)
+        layer_options = dict(options, feature_axis=1) if match.channels_first else options
+        moe = MoE.from_ffn(template, num_experts=num_experts, top_k=top_k, init=init, **layer_options)
         del template
         placement = match.placement
         if placement.how == "inline":
@@ -88,6 +89,8 @@ def _trace_inline_parents(model: nn.Module, plan: Plan) -> tuple[dict[str, fx.Gr
 def _template(model: nn.Module, match: FFNMatch) -> FFNTemplate:
     def weight(name: str, transposed: bool = False):
         w = model.get_parameter(name).detach()
+        if match.channels_first:
+            return w.flatten(1)  # a 1x1 convolution's [out, in, 1, ...]
         return w.t() if transposed else w
 
     def bias(name: str | None):

@@ -157,6 +157,21 @@ class ConvNet(nn.Module):
         return self.head(F.relu(self.c2(F.relu(self.c1(x)))).mean(dim=(2, 3)))
 
 
+class PoolFormerBlock(nn.Module):
+    """A channels-first (NCHW) block: pooling mixes tokens, an FFN of 1x1 convolutions mixes channels."""
+
+    def __init__(self, c: int = 16, h: int = 32) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.GroupNorm(1, c), nn.GroupNorm(1, c)
+        self.pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+        self.mlp = nn.Sequential(nn.Conv2d(c, h, 1), nn.GELU(), nn.Conv2d(h, c, 1))
+
+    def forward(self, x):
+        y = self.norm1(x)
+        x = x + self.pool(y) - y
+        return x + self.mlp(self.norm2(x))
+
+
 def _x():
     return (torch.randn(2, 7, 16),), {}
 
@@ -171,5 +186,7 @@ CASES = [
     Case("vit", _vit, lambda: ((torch.randn(2, 3, 16, 16),), {}), ffns=2),
     Case("sequential", lambda: nn.Sequential(nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 16)), _x, ffns=1, traceable=True),
     Case("inline_f_linear", InlineStack, _x, ffns=3, traceable=True),
+    Case("poolformer_like", lambda: nn.Sequential(PoolFormerBlock(), PoolFormerBlock()),
+         lambda: ((torch.randn(2, 16, 4, 5),), {}), ffns=2, traceable=True),
     Case("albert_like", AlbertLike, lambda: ((torch.randint(0, VOCAB, (2, 7)),), {}), ffns=1, traceable=True),
 ]

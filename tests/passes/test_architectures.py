@@ -48,7 +48,8 @@ def _image(model: str, config: str, **kw):
 
 # name → (build, FFNs it has). Decoders differ in norms (Gemma's type_as of the residual, Olmo's
 # parameter-free fp32 LayerNorm), in parallel attention + MLP (Cohere, Falcon, GPT-J, Phi), fused or
-# separate projections, Conv1D weights (GPT-2 style) and gated or plain MLPs.
+# separate projections, Conv1D weights (GPT-2 style) and gated or plain MLPs; vision models in
+# channels-last linears or channels-first 1x1 convolutions (PoolFormer).
 FAMILIES = {
     "mistral": (_text("MistralModel", "MistralConfig", **DECODER), 2),
     "qwen3": (_text("Qwen3Model", "Qwen3Config", **DECODER, head_dim=8), 2),
@@ -109,6 +110,9 @@ FAMILIES = {
                     num_heads=[2, 2], window_size=4), 2),
     "convnext": (_image("ConvNextModel", "ConvNextConfig", hidden_sizes=[16, 32], depths=[1, 1], num_stages=2,
                         layer_scale_init_value=1.0), 2),  # 1.0: the default 1e-6 would hide a wrong FFN
+    "poolformer": (_image("PoolFormerModel", "PoolFormerConfig", num_encoder_blocks=2, depths=[1, 1],
+                          hidden_sizes=[16, 32], patch_sizes=[7, 3], strides=[4, 2], padding=[2, 1], mlp_ratio=2.0,
+                          layer_scale_init_value=1.0), 2),  # 1x1 convolutions over NCHW
 }
 
 # Refused, and why: the reason's words.

@@ -43,8 +43,9 @@ def test_state_dict_round_trips_through_safetensors(name, tmp_path):
     torch.testing.assert_close(_out(fresh(*args, **kwargs)), expected)
 
 
-def test_to_dtype_and_export_keep_working():
-    _, model, args, kwargs = _converted("inline_f_linear")
+@pytest.mark.parametrize("name", ["inline_f_linear", "poolformer_like"])
+def test_to_dtype_and_export_keep_working(name):
+    _, model, args, kwargs = _converted(name)
     model.double()
     x = args[0].double()
     expected = model(x)

@@ -124,6 +124,76 @@ def test_einsum_is_a_linear_only_when_it_contracts_the_last_axis_into_the_last(e
     assert _einsum_weight_layout(equation.replace(" ", "")) is layout
 
 
+class PointwiseConvFFN(nn.Module):
+    """PoolFormer's and MobileViTV2's FFN: 1x1 convolutions over NCHW (or NCL) input."""
+
+    def __init__(self, dims: int = 2, gated: bool = False, mid=None) -> None:
+        super().__init__()
+        conv = nn.Conv2d if dims == 2 else nn.Conv1d
+        self.fc1, self.fc2 = conv(16, 32, 1), conv(32, 16, 1)
+        self.gate = conv(16, 32, 1, bias=False) if gated else None
+        self.mid = mid or nn.GELU()
+
+    def forward(self, x):
+        h = self.mid(self.fc1(x)) if self.gate is None else F.silu(self.gate(x)) * self.fc1(x)
+        return x + self.fc2(h)
+
+
+class PerChannelScale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(32, 1, 1) + 0.5)  # broadcasts over H, W: not over a row
+
+    def forward(self, h):
+        return F.gelu(h) * self.scale
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["export", "symbolic_trace"])
+@pytest.mark.parametrize("dims, gated", [(2, False), (1, False), (2, True)], ids=["conv2d", "conv1d", "conv2d-gated"])
+def test_pointwise_conv_ffn_converts_over_the_channel_axis(dims, gated, traced):
+    model = nn.Sequential(PointwiseConvFFN(dims, gated))
+    x = torch.randn(2, 16, 3, 5) if dims == 2 else torch.randn(2, 16, 7)
+    (match,) = moefx.find_ffns(model) if traced else _matches(model, x)
+    kind = "glu" if gated else "mlp"
+    assert (match.channels_first, match.kind, match.d_model, match.d_hidden) == (True, kind, 16, 32)
+    dense = model(x)
+    moefx.moefy(model, 4, 2, example_inputs=None if traced else (x,))
+    ((_, layer),) = moefx.moe_layers(model)
+    assert layer.config.feature_axis == 1
+    torch.testing.assert_close(model(x), dense, rtol=1e-5, atol=1e-6)
+
+
+def test_pointwise_conv_ffn_with_a_per_channel_parameter_is_refused_with_the_reason():
+    model = nn.Sequential(PointwiseConvFFN(mid=PerChannelScale()))
+    x = torch.randn(2, 16, 3, 5)
+    assert _matches(model, x) == []
+    assert any("between its 1x1 convolutions" in r for r in _reasons(model, x)), _reasons(model, x)
+
+
+def test_spatial_convolution_is_not_a_projection():
+    model = nn.Sequential(PointwiseConvFFN())
+    model[0].fc1 = nn.Conv2d(16, 32, 3, padding=1)
+    assert _matches(model, torch.randn(2, 16, 3, 5)) == []
+
+
+class AfterConv(nn.Module):
+    """An MLP over the last axis of a convolution's NCHW output: that axis is the image's width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.mlp = nn.Sequential(nn.Linear(6, 24), nn.GELU(), nn.Linear(24, 6))
+
+    def forward(self, x):
+        return self.mlp(self.conv(x))
+
+
+def test_mlp_over_a_convolutions_width_is_token_mixing():
+    x = torch.randn(2, 3, 4, 6)
+    assert _matches(AfterConv(), x) == []
+    assert any("token-mixing" in r for r in _reasons(AfterConv(), x)), _reasons(AfterConv(), x)
+
+
 class TokenMixer(nn.Module):
     """MLP-Mixer: a token-mixing MLP (over the sequence axis) and a channel MLP."""
 

@@ -22,6 +22,7 @@ BAD = [
     ("load_balance_coef", None, r"load_balance_coef=None.*finite number"),
     ("router_jitter", "0.1", r"router_jitter='0.1'.*\[0, 1\)"),
     ("activation", ["silu"], r"activation=\['silu'\]"),
+    ("feature_axis", 0, r"feature_axis=0.*-1 \(features last\) or 1 \(channels first\)"),
 ]
 
 

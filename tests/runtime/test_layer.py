@@ -116,6 +116,20 @@ def test_wrong_last_dimension_names_both_shapes():
         layer(torch.randn(2, 3, 7))
 
 
+def test_channels_first_layer_routes_each_position_like_the_features_last_layer():
+    torch.manual_seed(0)
+    last = moefx.MoE(d_model=8, d_hidden=16, num_experts=4, top_k=2, dtype=torch.float64)
+    first = moefx.MoE(d_model=8, d_hidden=16, num_experts=4, top_k=2, dtype=torch.float64, feature_axis=1)
+    first.load_state_dict(last.state_dict())
+    x = torch.randn(2, 8, 3, 5, dtype=torch.float64, requires_grad=True)  # N, D, H, W
+    y = first(x)
+    torch.testing.assert_close(y, last(x.movedim(1, -1)).movedim(-1, 1), rtol=0, atol=0)
+    y.square().sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"\(2, 3, 8\).*dimension 1.*\(N, 8, \.\.\.\)"):
+        first(torch.randn(2, 3, 8, dtype=torch.float64))
+
+
 def test_aux_loss_is_the_weighted_sum_of_both_losses_and_differentiable():
     torch.manual_seed(0)
     model = torch.nn.Sequential(
