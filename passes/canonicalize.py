@@ -16,9 +16,10 @@ only flatten the leading dims), ``mm``/``matmul`` (+ ``add`` of a 1-D bias), an 
 contracts the input's last axis with a 2-D parameter (``"bsd,dh->bsh"``), ``nn.Linear`` modules,
 with the weight as stored (``[out, in]``) or transposed (``[in, out]``, or read through
 ``t``/``transpose``/``permute``); and a pointwise (1x1, stride 1, one group) convolution, a
-linear over axis 1 of its channels-first input (``channels_first=True``). Activations and no-ops stay as they are: ``ops`` classifies them
-(pointwise ops are one class; dropout, identity and casts are transparent) and ``activation``
-names an activation when a match needs it. The graph still computes what the model computes.
+linear over axis 1 of its channels-first input (``channels_first=True``). Activations and no-ops
+stay as they are: ``ops`` classifies them (pointwise ops are one class; dropout, identity and
+casts are transparent) and ``activation`` names an activation when a match needs it. The graph
+still computes what the model computes.
 """
 
 from __future__ import annotations

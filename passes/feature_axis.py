@@ -16,7 +16,9 @@ from math import prod
 from torch import fx
 
 from moefx.passes import normal_form
-from moefx.passes.ops import CONVOLUTIONS, LAYOUT, PERMUTES, ROW_OPS, TRANSPARENT, arg, is_pointwise, op_name, shape_of, tensor_inputs
+from moefx.passes.ops import (
+    CONVOLUTIONS, LAYOUT, PERMUTES, ROW_OPS, TRANSPARENT, arg, is_pointwise, op_name, shape_of, tensor_inputs,
+)
 
 _LAST_AXIS_PRODUCERS = frozenset({"embedding", "layer_norm", "rms_norm", "softmax", "scaled_dot_product_attention"})
 _DEPTH = 64

@@ -170,6 +170,14 @@ def test_pointwise_conv_ffn_with_a_per_channel_parameter_is_refused_with_the_rea
     assert any("between its 1x1 convolutions" in r for r in _reasons(model, x)), _reasons(model, x)
 
 
+def test_pointwise_conv_then_linear_is_refused_with_the_reason():
+    model = nn.Sequential(PointwiseConvFFN())
+    model[0].fc2 = nn.Linear(32, 16)  # over the last axis: the image's width, not the channels
+    x = torch.randn(2, 16, 3, 32)
+    assert _matches(model, x) == []
+    assert any("mixes 1x1 convolutions and linears" in r for r in _reasons(model, x)), _reasons(model, x)
+
+
 def test_spatial_convolution_is_not_a_projection():
     model = nn.Sequential(PointwiseConvFFN())
     model[0].fc1 = nn.Conv2d(16, 32, 3, padding=1)
