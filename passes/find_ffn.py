@@ -452,8 +452,8 @@ def _match(r: _Region, calls: int, placement: Placement, gm) -> FFNMatch:
         bias=any(x.bias for x in (up, down, gate) if x is not None), up=up.weight, down=down.weight,
         gate=gate.weight if gate else None, fused=r.fused, gate_first=r.gate_first,
         up_transposed=up.transposed, down_transposed=down.transposed, channels_first=up.channels_first,
-        up_bias=up.bias, gate_bias=gate.bias if gate else None, down_bias=down.bias, rowwise_mid=r.rowwise_mid, calls=calls,
-        location=f"{up.node.name} → {down.node.name}", placement=placement,
+        up_bias=up.bias, gate_bias=gate.bias if gate else None, down_bias=down.bias, rowwise_mid=r.rowwise_mid,
+        calls=calls, location=f"{up.node.name} → {down.node.name}", placement=placement,
     )
 
 
