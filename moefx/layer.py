@@ -52,6 +52,14 @@ class MoEStats:
         }
 
 
+
+def _exporting() -> bool:
+    """Whether torch.export is tracing. The flag export sets, read directly: before torch 2.13
+    (2.11 checked), dynamo folds ``torch.compiler.is_exporting()`` to True under torch.compile too,
+    so a compiled layer kept no routing and its aux loss was silently 0."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
+
 class MoE(nn.Module):
     """Mixture-of-Experts FFN: input ``(..., d_model)``, output the same shape.
 
@@ -152,7 +160,7 @@ class MoE(nn.Module):
             out_TD = self.dispatcher.combine(y_SD, weights_TK, meta)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
-        if not torch.compiler.is_exporting():  # an exported program has no module state to update
+        if not _exporting():  # an exported program has no module state to update
             self._last_routing = routing
             offsets_E1 = meta.permute_offsets_E1
             self._last_stats = MoEStats(

@@ -52,6 +52,15 @@ def test_compile_trains_with_random_routing_and_dynamic_shapes():
     assert layer.router.weight.grad.abs().sum() > 0
 
 
+def test_routing_is_kept_where_is_exporting_answers_true_outside_export(monkeypatch):
+    """torch 2.11's dynamo folds torch.compiler.is_exporting() to True under torch.compile: the layer
+    must still keep its routing there (else its aux loss is silently 0). Simulated here for any torch."""
+    layer = _layer().train()
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    layer(torch.randn(10, 16))
+    assert layer.aux_loss() > 0 and int(layer.stats().tokens_per_expert.sum()) == 20
+
+
 def test_inductor_compile_matches_eager():
     layer = _layer().eval()
     x = torch.randn(10, 16)
