@@ -52,7 +52,6 @@ class MoEStats:
         }
 
 
-
 def _exporting() -> bool:
     """Whether torch.export is tracing. The flag export sets, read directly: before torch 2.13
     (2.11 checked), dynamo folds ``torch.compiler.is_exporting()`` to True under torch.compile too,
@@ -60,8 +59,10 @@ def _exporting() -> bool:
     flag = getattr(torch.compiler, "_is_exporting_flag", None)
     return torch.compiler.is_exporting() if flag is None else bool(flag)
 
+
 class MoE(nn.Module):
-    """Mixture-of-Experts FFN: input ``(..., d_model)``, output the same shape.
+    """Mixture-of-Experts FFN: input ``(..., d_model)`` (``(N, d_model, ...)`` with ``feature_axis=1``),
+    output the same shape.
 
     Build it from options, ``MoE(d_model=512, d_hidden=1024, num_experts=8, top_k=2)`` (every
     ``MoEConfig`` field is a keyword), from a config, ``MoE(config)``, or from a dense FFN with
