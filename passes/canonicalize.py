@@ -81,8 +81,9 @@ def _replace(old: fx.Node, x, weight, bias, transposed: bool, last: fx.Node, cha
     return 1
 
 
-def _from_module(gm: fx.GraphModule, node: fx.Node) -> int:
-    module: nn.Linear = gm.get_submodule(node.target)
+def _from_module(gm: fx.GraphModule, node: fx.Node, channels_first: bool = False) -> int:
+    """An ``nn.Linear`` (or 1x1 ``nn.Conv*d``) call: its parameters read by get_attr, in the normal form."""
+    module: nn.Linear | nn.Conv2d = gm.get_submodule(node.target)
     graph = gm.graph
     with graph.inserting_before(node):
         weight = graph.get_attr(f"{node.target}.weight")
@@ -90,7 +91,7 @@ def _from_module(gm: fx.GraphModule, node: fx.Node) -> int:
     for n in (weight, bias):
         if n is not None:
             n.meta["nn_module_stack"] = node.meta.get("nn_module_stack")
-    _replace(node, node.args[0], weight, bias, False, node)
+    _replace(node, node.args[0], weight, bias, False, node, channels_first=channels_first)
     graph.erase_node(node)
     return 1
 
@@ -102,15 +103,7 @@ def _from_pointwise_conv(gm: fx.GraphModule, node: fx.Node) -> int:
         pointwise = _is_pointwise_conv(conv.weight.shape, conv.stride, conv.padding, conv.groups)
         if conv.padding_mode != "zeros" or not pointwise:
             return 0
-        with gm.graph.inserting_before(node):
-            weight = gm.graph.get_attr(f"{node.target}.weight")
-            bias = gm.graph.get_attr(f"{node.target}.bias") if conv.bias is not None else None
-        for n in (weight, bias):
-            if n is not None:
-                n.meta["nn_module_stack"] = node.meta.get("nn_module_stack")
-        _replace(node, node.args[0], weight, bias, False, node, channels_first=True)
-        gm.graph.erase_node(node)
-        return 1
+        return _from_module(gm, node, channels_first=True)
     weight, bias = arg(node, 1, "weight"), arg(node, 2, "bias")
     if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
         return 0

@@ -27,15 +27,13 @@ _DEPTH = 64
 def feature_axis(node: fx.Node, root=None, _depth: int = 0) -> int | None:
     if _depth > _DEPTH or not isinstance(node, fx.Node):
         return None
-    if normal_form.is_linear(node):
-        if node.kwargs.get("channels_first"):
-            ndim = _ndim(node)
-            return None if ndim is None else 1 - ndim
+    channels_first = normal_form.is_linear(node) and node.kwargs.get("channels_first", False)
+    if normal_form.is_linear(node) and not channels_first:
         return -1
     name = op_name(node, root)
     if name in _LAST_AXIS_PRODUCERS or name in ROW_OPS:
         return -1
-    if name in CONVOLUTIONS:
+    if name in CONVOLUTIONS or channels_first:  # a 1x1 convolution, in the normal form
         ndim = _ndim(node)
         return None if ndim is None else 1 - ndim
     inputs = tensor_inputs(node)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from itertools import takewhile
 
 from torch import fx
 
@@ -296,7 +297,8 @@ def _classify(down: Linear, leaves: list, mid: list[fx.Node], gm) -> _Region | R
         return Rejected(where, "the gate and up projections read different inputs")
     act_source = sources[gate_key]
     act = [n for n in gate_branch if n is not act_source] + [n for n in post if op_name(n, gm) in ("dropout", "feature_dropout")]
-    nodes = sorted({gate.node, up.node, *mid, down.node, *_casts_between(entry, (gate.input, up.input))})
+    casts = [n for x in (gate.input, up.input) for n in takewhile(lambda n: n is not entry, _cast_chain(x, gm))]
+    nodes = sorted({gate.node, up.node, *mid, down.node, *casts})
     return _Region(down, up, None if fused else gate, fused, gate_key[1] in (None, 0), entry, nodes, act, act_source, rowwise)
 
 
@@ -339,16 +341,6 @@ def _cast_chain(node: fx.Node, gm) -> list[fx.Node]:
         node = tensor_inputs(node)[0]
         chain.append(node)
     return chain
-
-
-def _casts_between(entry: fx.Node, inputs) -> list[fx.Node]:
-    """The casts between the shared input and what each projection reads."""
-    found = []
-    for node in inputs:
-        while node is not entry and isinstance(node, fx.Node):
-            found.append(node)
-            node = tensor_inputs(node)[0]
-    return found
 
 
 # ── verification ─────────────────────────────────────────────────────────────────────────────

@@ -163,6 +163,13 @@ def test_pointwise_conv_ffn_converts_over_the_channel_axis(dims, gated, traced):
     torch.testing.assert_close(model(x), dense, rtol=1e-5, atol=1e-6)
 
 
+def test_feature_axis_is_read_from_the_graph_not_taken_as_an_option():
+    model = nn.Sequential(PointwiseConvFFN())
+    with pytest.raises(ValueError, match="feature_axis is not an option of moefy"):
+        moefx.moefy(model, 4, 2, example_inputs=(torch.randn(2, 16, 3, 5),), feature_axis=1)
+    assert not list(moefx.moe_layers(model))  # refused before any change
+
+
 def test_pointwise_conv_ffn_with_a_per_channel_parameter_is_refused_with_the_reason():
     model = nn.Sequential(PointwiseConvFFN(mid=PerChannelScale()))
     x = torch.randn(2, 16, 3, 5)
