@@ -19,5 +19,15 @@ fi
 if ! "$py" -c "import torch" 2>/dev/null; then
   "$py" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
-"$py" -m pip install -q -e ".[test]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+# pip's warnings about find-links folders this machine lacks are noise; its failure is not: a failed
+# install must stop here, not surface later as a missing moefx.kernels.
+log=$(mktemp)
+status=0
+"$py" -m pip install -q -e ".[test]" >"$log" 2>&1 || status=$?
+grep -v "is ignored: it is neither a file nor a directory" "$log" || true
+rm -f "$log"
+if [ "$status" -ne 0 ]; then
+  echo "setup: 'pip install -e .[test]' failed (exit $status), see pip's error above; free disk space or fix the index, then rerun" >&2
+  exit "$status"
+fi
 "$py" -c "import torch, moefx; print(f'moefx {moefx.__version__} with torch {torch.__version__} in {__import__(\"sys\").prefix}')"
