@@ -15,7 +15,9 @@ The split sizes are needed on the host: one device-to-host sync per forward (mar
 Capacity (equal splits, no sync, for torch.compile and CUDA graphs): every rank sends exactly
 C rows per expert (its kept rows, zero-padded), so the splits are ``L*C`` for every rank and
 known without looking at the data. Each rank computes C from its own token count, so every
-rank must run the same number of tokens per forward (static shapes anyway).
+rank must run the same number of tokens per forward (static shapes anyway). In eager mode each
+forward checks that with one small all-reduce, so a mismatch is an error on every rank instead of
+a collective mismatch (gloo aborts, NCCL hangs); compiled and exported graphs skip the check.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ class AllToAllDispatcher:
         x_SD, row_slot_S, slot_row_S, offsets_E1 = torch.ops.moefx.permute(x_TD, experts_TK, num_experts, capacity)
         if capacity is None:
             return self._dispatch_dropless(x_SD, row_slot_S, slot_row_S, offsets_E1)
+        if not torch.compiler.is_compiling():  # True under torch.compile and torch.export as well
+            self._check_equal_token_counts(x_TD)
         return self._dispatch_capacity(x_SD, row_slot_S, slot_row_S, offsets_E1, capacity)
 
     def combine(self, y_RD: Tensor, weights_TK: Tensor, meta: EPDispatchMeta) -> Tensor:
@@ -73,6 +77,20 @@ class AllToAllDispatcher:
             y_back = torch.ops.moefx.all_to_all(y_back, [L * C] * ep, [L * C] * ep, self.group_name)
             y_SD = torch.cat([y_back, y_back.new_zeros(1, D)]).index_select(0, meta.position_S)  # dropped: zeros
         return torch.ops.moefx.unpermute(y_SD, weights_TK, meta.slot_row_S, meta.row_slot_S)
+
+    def _check_equal_token_counts(self, x_TD: Tensor) -> None:
+        """Capacity mode's splits are ``L*C`` rows with C from the local token count: unequal counts
+        would pair sends and receives of different sizes."""
+        tokens = x_TD.shape[0]
+        bounds = torch.tensor([tokens, -tokens], device=x_TD.device)
+        torch.distributed.all_reduce(bounds, torch.distributed.ReduceOp.MAX, group=self.mesh["ep"].get_group())
+        most, fewest = bounds[0].item(), -bounds[1].item()  # NOTE: device-to-host sync (eager mode only)
+        if most != fewest:
+            raise ValueError(
+                f"capacity_factor with expert parallelism needs the same number of tokens on every rank of the "
+                f"expert-parallel group in each forward, but the ranks have from {fewest} to {most} (this rank {tokens}): "
+                "give every rank batches of one shape (pad them), or use capacity_factor=None (dropless), which takes any count"
+            )
 
     def _dispatch_dropless(self, x_SD, row_slot_S, slot_row_S, offsets_E1) -> tuple[Tensor, EPDispatchMeta]:
         L, ep = self.local_experts, self.ep_size

@@ -118,6 +118,15 @@ def errors() -> None:
         assert f"the mesh has {world // 2} ranks but the world has {world}" in str(err), err
     else:
         raise AssertionError("a mesh smaller than the world was accepted")
+    layer = _layer(2 * world, 1.0, "random", world)
+    moefx.parallelize(layer, mesh, data_parallel=False)
+    try:  # capacity mode: each rank's C comes from its token count, so the counts must agree
+        layer(_inputs(rank, 12 + rank, positive=False)[0])
+    except ValueError as err:
+        assert f"the ranks have from 12 to {12 + world - 1} (this rank {12 + rank})" in str(err), err
+    else:
+        raise AssertionError("capacity mode ran with a different token count on each rank")
+    layer(_inputs(rank, 12, positive=False)[0])  # equal counts still run after the refusal
     try:
         moefx.expert_parallel_mesh(ep_size=world + 1)
     except ValueError as err:
