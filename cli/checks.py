@@ -42,6 +42,14 @@ def options_from_args(args: argparse.Namespace) -> dict:
         return conversion_options(
             num_experts=args.experts, top_k=args.top_k, init=args.init, gate=args.gate,
             capacity_factor=args.capacity_factor, include=args.include, exclude=args.exclude, every=args.every,
+            **_sigmoid_options(args),
         )
     except ValueError as err:
         raise CLIError(str(err), code=2) from err
+
+
+def _sigmoid_options(args: argparse.Namespace) -> dict:
+    """The sigmoid gate's options that differ from their defaults (moefy records only those)."""
+    given = {"expert_groups": (args.expert_groups, 1), "topk_groups": (args.topk_groups, None),
+             "bias_update_rate": (args.bias_update_rate, 0.0)}
+    return {name: value for name, (value, default) in given.items() if value != default}

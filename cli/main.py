@@ -67,6 +67,12 @@ def _conversion_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", default="upcycle", type=_choice("--init", INIT_STRATEGIES), metavar="{" + ",".join(INIT_STRATEGIES) + "}")
     p.add_argument("--gate", default="topk", type=_choice("--gate", GATES), metavar="{" + ",".join(GATES) + "}")
     p.add_argument("--capacity-factor", type=_float("--capacity-factor"), metavar="F", help="> 0; default: dropless")
+    p.add_argument("--expert-groups", type=_int("--expert-groups"), default=1, metavar="G",
+                   help="--gate sigmoid: split the experts into G equal groups (default 1)")
+    p.add_argument("--topk-groups", type=_int("--topk-groups"), metavar="G",
+                   help="--gate sigmoid: each token picks experts from its G best groups (default: all)")
+    p.add_argument("--bias-update-rate", type=_float("--bias-update-rate"), default=0.0, metavar="R",
+                   help="--gate sigmoid: step of moefx.update_routing_bias, loss-free balancing (default 0: off)")
     p.add_argument("--include", action="append", metavar="GLOB", help="convert only FFNs whose module path matches (repeatable)")
     p.add_argument("--exclude", action="append", metavar="GLOB", help="do not convert FFNs whose path matches (repeatable)")
     p.add_argument("--every", type=_int("--every"), default=1, metavar="N", help="convert every N-th FFN (default 1: all)")

@@ -1,12 +1,13 @@
 """moefx: turn the feed-forward blocks of any PyTorch model into Mixture-of-Experts layers.
 
 Public API (see DESIGN.md): ``moefy``, ``find_ffns``, ``MoE``, ``MoEConfig``, ``FFNTemplate``, ``moe_layers``,
-``aux_loss``, ``save``, ``load``, ``parallelize``, ``expert_parallel_mesh``, ``offload``, ``offload_stats``, ``export``.
+``aux_loss``, ``update_routing_bias``, ``save``, ``load``, ``parallelize``, ``expert_parallel_mesh``, ``offload``,
+``offload_stats``, ``export``.
 """
 
 from moefx.config import MoEConfig
 from moefx.layer import MoE, MoEStats
-from moefx.model import aux_loss, moe_layers
+from moefx.model import aux_loss, moe_layers, update_routing_bias
 from moefx.template import FFNTemplate
 from moefx.passes.driver import NoFFNFound, find_ffns, moefy  # noqa: E402  (needs the runtime above)
 from moefx.passes.find_ffn import FFNMatch
@@ -20,5 +21,6 @@ __version__ = "0.1.0"
 __all__ = [
     "FFNMatch", "FFNTemplate", "MoE", "MoEConfig", "MoEStats", "NoFFNFound", "aux_loss", "find_ffns", "moe_layers",
     "OffloadStats", "export", "expert_parallel_mesh", "load", "moefy", "offload", "offload_stats", "parallelize", "save",
+    "update_routing_bias",
     "__version__",
 ]

@@ -9,9 +9,14 @@ from typing import Callable
 
 from moefx.activations import ACTIVATIONS
 
-GATES = ("topk", "switch", "gshard", "noisy_topk")
-# (renormalize, softmax_first) of each gate: topk's are defaults, the others' are fixed by the method.
-GATE_ROUTING = {"topk": (True, True), "switch": (False, True), "gshard": (True, True), "noisy_topk": (True, False)}
+GATES = ("topk", "switch", "gshard", "noisy_topk", "sigmoid")
+# (renormalize, softmax_first) of each gate: topk's are defaults, the others' are fixed by the method
+# (sigmoid's renormalize is a default too; it has no softmax, so softmax_first stays None).
+GATE_ROUTING = {
+    "topk": (True, True), "switch": (False, True), "gshard": (True, True), "noisy_topk": (True, False),
+    "sigmoid": (True, None),
+}
+GATE_FREE_OPTIONS = {"topk": ("renormalize", "softmax_first"), "sigmoid": ("renormalize",)}
 # Switch Transformer's default multiplicative input jitter.
 SWITCH_JITTER = 0.01
 
@@ -39,7 +44,13 @@ class MoEConfig:
     the other gates fix both (``GATE_ROUTING``) and refuse a value that contradicts them.
     ``switch`` is top-1 with input jitter (``router_jitter``, default 0.01 for switch, 0
     otherwise), ``gshard`` top-2 with the second expert kept at random in training with
-    probability 2·w2, ``noisy_topk`` adds learned Gaussian noise to the logits in training. ``capacity_factor=None`` is dropless; a number caps
+    probability 2·w2, ``noisy_topk`` adds learned Gaussian noise to the logits in training.
+    ``sigmoid`` is DeepSeek-V3's router: sigmoid scores, experts chosen on score + a per-expert
+    bias (the router's ``score_bias`` buffer), weighted by their scores (renormalised by default);
+    ``expert_groups`` splits the experts into equal groups and ``topk_groups`` limits each token to
+    the groups with the best top-2 score sums (node-limited routing); ``bias_update_rate`` is the
+    step of the auxiliary-loss-free balancing that ``moefx.update_routing_bias`` applies.
+    ``capacity_factor=None`` is dropless; a number caps
     every expert at ``ceil(capacity_factor * tokens * top_k / num_experts)`` slots per forward.
     ``routed_scale`` multiplies the routed experts' combined output (the ``split`` init sets it
     to ``num_experts``). ``num_shared_experts`` adds always-on experts of ``d_hidden`` each.
@@ -64,6 +75,9 @@ class MoEConfig:
     routed_scale: float = 1.0
     num_shared_experts: int = 0
     feature_axis: int = -1
+    expert_groups: int = 1
+    topk_groups: int | None = None
+    bias_update_rate: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_hidden", "num_experts"):
@@ -113,16 +127,44 @@ class MoEConfig:
             _is_int(self.feature_axis) and self.feature_axis in (-1, 1), "feature_axis", self.feature_axis,
             "must be -1 (features last) or 1 (channels first)",
         )
+        self._check_sigmoid_options()
+
+    def _check_sigmoid_options(self) -> None:
+        """Group-limited routing and the balancing bias belong to the sigmoid gate."""
+        _require(
+            _is_int(self.expert_groups) and self.expert_groups >= 1 and self.num_experts % self.expert_groups == 0,
+            "expert_groups", self.expert_groups, f"must be an integer >= 1 that divides num_experts={self.num_experts}",
+        )
+        if self.topk_groups is None:
+            object.__setattr__(self, "topk_groups", self.expert_groups)
+        _require(
+            _is_int(self.topk_groups) and 1 <= self.topk_groups <= self.expert_groups, "topk_groups", self.topk_groups,
+            f"must be None (every group) or an integer in [1, expert_groups={self.expert_groups}]",
+        )
+        reachable = self.topk_groups * (self.num_experts // self.expert_groups)
+        _require(
+            self.top_k <= reachable, "top_k", self.top_k,
+            f"must be at most the {reachable} experts of the topk_groups={self.topk_groups} groups a token may use",
+        )
+        _require(
+            _is_number(self.bias_update_rate) and self.bias_update_rate >= 0, "bias_update_rate",
+            self.bias_update_rate, "must be a finite number >= 0",
+        )
+        if self.gate != "sigmoid":
+            for name, off in (("expert_groups", 1), ("topk_groups", self.expert_groups), ("bias_update_rate", 0)):
+                _require(getattr(self, name) == off, name, getattr(self, name), "needs gate='sigmoid'")
 
     def _resolve_routing(self) -> None:
-        """Fill ``renormalize``/``softmax_first`` from the gate; a gate other than topk fixes them."""
+        """Fill ``renormalize``/``softmax_first`` from the gate; a gate fixes those it does not leave free."""
         for name, implied in zip(("renormalize", "softmax_first"), GATE_ROUTING[self.gate]):
             value = getattr(self, name)
             if value is None:
                 object.__setattr__(self, name, implied)
                 continue
             _require(isinstance(value, bool), name, value, "must be None (the gate's default), True or False")
-            if self.gate != "topk":
+            if implied is None:
+                _require(False, name, value, f"gate={self.gate!r} has no softmax: leave {name} unset")
+            if name not in GATE_FREE_OPTIONS.get(self.gate, ()):
                 _require(value == implied, name, value, f"gate={self.gate!r} uses {name}={implied}")
 
     @property

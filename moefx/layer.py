@@ -163,6 +163,8 @@ class MoE(nn.Module):
             out_TD = out_TD + self.shared_experts(x_TD)
         if not _exporting():  # an exported program has no module state to update
             self._last_routing = routing
+            if self.training and self.config.bias_update_rate > 0:
+                self.router.record_load(routing.counts_E)
             offsets_E1 = meta.permute_offsets_E1
             self._last_stats = MoEStats(
                 tokens_per_expert=(offsets_E1[1:] - offsets_E1[:-1]).detach(),
@@ -193,7 +195,8 @@ class MoE(nn.Module):
         loss = logits_TE.new_zeros(())
         if self.config.load_balance_coef:
             counts_E = self._last_routing.counts_E
-            loss = loss + self.config.load_balance_coef * load_balance_loss(logits_TE, counts_E, self.config.top_k)
+            probs_TE = self.router.probabilities(logits_TE)
+            loss = loss + self.config.load_balance_coef * load_balance_loss(probs_TE, counts_E, self.config.top_k)
         if self.config.z_loss_coef:
             loss = loss + self.config.z_loss_coef * z_loss(logits_TE)
         return loss

@@ -9,15 +9,15 @@ import torch
 from torch import Tensor
 
 
-def load_balance_loss(logits_TE: Tensor, counts_E: Tensor, top_k: int) -> Tensor:
+def load_balance_loss(probs_TE: Tensor, counts_E: Tensor, top_k: int) -> Tensor:
     """E * sum_e f_e * P_e: f_e the fraction of routed choices that went to expert e (no
-    gradient), P_e the mean router probability of e. Equals 1 when routing is uniform."""
-    num_tokens, num_experts = logits_TE.shape
+    gradient), P_e the mean router probability of e (``probs_TE``: each token's distribution over
+    the experts, from the router). Equals 1 when routing is uniform."""
+    num_tokens, num_experts = probs_TE.shape
     if num_tokens == 0:
-        return logits_TE.sum()
-    fraction_E = counts_E.to(logits_TE.dtype) / (num_tokens * top_k)
-    mean_prob_E = torch.softmax(logits_TE, dim=-1).mean(dim=0)
-    return num_experts * (fraction_E * mean_prob_E).sum()
+        return probs_TE.sum()
+    fraction_E = counts_E.to(probs_TE.dtype) / (num_tokens * top_k)
+    return num_experts * (fraction_E * probs_TE.mean(dim=0)).sum()
 
 
 def z_loss(logits_TE: Tensor) -> Tensor:

@@ -41,6 +41,29 @@ def aux_loss(model: nn.Module) -> Tensor:
     return torch.stack(losses).sum()
 
 
+def update_routing_bias(model: nn.Module) -> None:
+    """DeepSeek-V3's auxiliary-loss-free balancing, for the layers with ``gate="sigmoid"`` and
+    ``bias_update_rate > 0``: each expert's ``score_bias`` moves by ``bias_update_rate``, up if it
+    got fewer choices than the mean expert of its layer in the training forwards since the last
+    call, down if more. Call it after each optimizer step, on every rank: under torch.distributed
+    the loads are first summed over all ranks (one all-reduce), so every rank applies one update."""
+    routers = [layer.router for _, layer in moe_layers(model) if layer.config.bias_update_rate > 0]
+    if not routers:
+        return
+    loads = [
+        r.pending_load_E if r.pending_load_E is not None else r.score_bias.new_zeros(r.num_experts, dtype=torch.int64)
+        for r in routers
+    ]
+    total = torch.cat(loads)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+    with torch.no_grad():
+        for router, load_E in zip(routers, total.split([r.num_experts for r in routers])):
+            load_E = load_E.to(torch.float32)
+            router.score_bias += router.bias_update_rate * torch.sign(load_E.mean() - load_E)
+            router.pending_load_E = None
+
+
 @dataclass(frozen=True)
 class ParameterCounts:
     total: int  # every parameter once (shared and tied ones too)

@@ -1,4 +1,5 @@
-"""Routers: token-choice top-k (plain, Switch, GShard, noisy) on top of ``moefx::route``.
+"""Routers: token-choice top-k (plain, Switch, GShard, noisy) on top of ``moefx::route``, and
+DeepSeek-V3's sigmoid router with group-limited choice and a balancing bias.
 
 Legend: T tokens, D model dim, E experts, K top-k.
 
@@ -60,6 +61,10 @@ class TopKRouter(nn.Module):
         """Hook to change the choices after top-k (GShard's random routing)."""
         return routing
 
+    def probabilities(self, logits_TE: Tensor) -> Tensor:
+        """Each token's distribution over the experts, for the load-balance loss."""
+        return torch.softmax(logits_TE, dim=-1)
+
     def forward(self, x_TD: Tensor) -> Routing:
         logits_TE = self.compute_logits(_upcast(x_TD))
         weights_TK, experts_TK, counts_E = torch.ops.moefx.route(
@@ -104,7 +109,73 @@ class NoisyTopKRouter(TopKRouter):
         return logits_TE + torch.randn_like(logits_TE) * noise_std_TE
 
 
-ROUTERS = {"topk": TopKRouter, "switch": SwitchRouter, "gshard": GShardRouter, "noisy_topk": NoisyTopKRouter}
+class SigmoidRouter(TopKRouter):
+    """DeepSeek-V3: scores ``sigmoid(logits)``; each token picks its k experts by ``score +
+    score_bias`` among the ``topk_groups`` expert groups whose two best biased scores sum highest,
+    and weighs them by their plain scores (renormalised unless ``renormalize=False``).
+
+    ``score_bias`` (a buffer, saved with the model) only steers the choice: it gets no gradient.
+    ``moefx.update_routing_bias`` moves it against the load counted here since its last call
+    (auxiliary-loss-free balancing), so overloaded experts get chosen less."""
+
+    def __init__(self, config: MoEConfig, *, device=None, dtype=None) -> None:
+        super().__init__(config, device=device, dtype=dtype)
+        self.groups, self.topk_groups = config.expert_groups, config.topk_groups
+        self.bias_update_rate = config.bias_update_rate
+        self.register_buffer("score_bias", torch.zeros(config.num_experts, device=device, dtype=torch.float32))
+        self.pending_load_E: Tensor | None = None  # choices per expert since the last bias update
+
+    def _apply(self, fn, recurse=True):
+        """``score_bias`` stays fp32 through ``.to(dtype)``/``.half()``: in bf16, a balancing step of
+        0.001 beside a bias of 0.25 rounds away, and the balancing would silently stop."""
+        bias = self.score_bias
+        super()._apply(fn, recurse)
+        moved = self.score_bias
+        if moved.dtype != torch.float32:
+            self.score_bias = moved.float() if bias.is_meta or moved.is_meta else bias.to(moved.device)
+        if self.pending_load_E is not None:  # counts (int64) move with the layer, so an update can sum them
+            self.pending_load_E = self.pending_load_E.to(moved.device)
+        return self
+
+    def forward(self, x_TD: Tensor) -> Routing:
+        logits_TE = self.compute_logits(_upcast(x_TD))
+        scores_TE = torch.sigmoid(logits_TE)
+        choice_TE = scores_TE + self.score_bias
+        if self.topk_groups < self.groups:
+            choice_TE = self._keep_best_groups(choice_TE)
+        experts_TK = torch.topk(choice_TE, self.top_k, dim=-1).indices
+        weights_TK = scores_TE.gather(1, experts_TK)
+        if self.renormalize:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        counts_E = torch.zeros(self.num_experts, dtype=torch.int64, device=x_TD.device).scatter_add_(
+            0, experts_TK.reshape(-1), torch.ones_like(experts_TK).reshape(-1)
+        )
+        return Routing(weights_TK, experts_TK, counts_E, logits_TE)
+
+    def _keep_best_groups(self, choice_TE: Tensor) -> Tensor:
+        """-inf outside each token's ``topk_groups`` best groups (a group's worth: its top-2 sum)."""
+        T, E = choice_TE.shape
+        grouped_TGE = choice_TE.view(T, self.groups, E // self.groups)
+        worth_TG = grouped_TGE.topk(min(2, E // self.groups), dim=-1).values.sum(dim=-1)
+        best_TG = torch.topk(worth_TG, self.topk_groups, dim=-1).indices
+        keep_TG = torch.zeros_like(worth_TG, dtype=torch.bool).scatter_(1, best_TG, True)
+        return grouped_TGE.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(T, E)
+
+    def probabilities(self, logits_TE: Tensor) -> Tensor:
+        """Scores normalised per token (DeepSeek-V3's balance loss)."""
+        scores_TE = torch.sigmoid(logits_TE)
+        return scores_TE / scores_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+
+    def record_load(self, counts_E: Tensor) -> None:
+        """Adds a training forward's choices to the load the next bias update reads."""
+        counts_E = counts_E.detach()
+        self.pending_load_E = counts_E if self.pending_load_E is None else self.pending_load_E + counts_E
+
+
+ROUTERS = {
+    "topk": TopKRouter, "switch": SwitchRouter, "gshard": GShardRouter, "noisy_topk": NoisyTopKRouter,
+    "sigmoid": SigmoidRouter,
+}
 
 
 def make_router(config: MoEConfig, *, device=None, dtype=None) -> TopKRouter:

@@ -150,3 +150,18 @@ def test_ctrl_c_while_writing_leaves_no_output_and_keeps_the_old_one(tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == (["model.py", "out"] if existing else ["model.py"])
     if existing:
         assert [p.name for p in out.iterdir()] == ["moefx.json"] and (out / "moefx.json").read_text() == "old"
+
+
+def test_sigmoid_gate_options_reach_every_layer(tmp_path):
+    flags = ["--experts", "8", "--gate", "sigmoid", "--expert-groups", "4", "--topk-groups", "2",
+             "--bias-update-rate", "0.001"]
+    result = run("convert", EXAMPLES / "tiny_llama.py", *flags, "-o", "out", cwd=tmp_path)
+    assert result.code == 0, result.err
+    layers = list(moefx.moe_layers(moefx.load(tmp_path / "out")))
+    assert len(layers) == 4
+    for _, layer in layers:
+        c = layer.config
+        assert (c.gate, c.expert_groups, c.topk_groups, c.bias_update_rate) == ("sigmoid", 4, 2, 0.001)
+    bad = run("convert", EXAMPLES / "tiny_llama.py", "--experts", "8", "--expert-groups", "2", "-o", "bad", cwd=tmp_path)
+    assert bad.code == 2 and "expert_groups=2" in bad.err and "needs gate='sigmoid'" in bad.err, bad.err
+    assert not (tmp_path / "bad").exists()

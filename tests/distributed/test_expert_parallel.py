@@ -33,6 +33,11 @@ def test_ep_layer_equals_the_single_process_layer(nproc):
         assert out.count(f": {spec} ok") == nproc, out
 
 
+def test_routing_bias_updates_from_the_load_of_every_rank():
+    out = torchrun(2, ROOT / "tests" / "distributed" / "worker.py", "routing_bias")
+    assert out.count(": routing_bias ok") == 2, out
+
+
 def test_bad_setups_raise_on_every_rank():
     out = torchrun(2, ROOT / "tests" / "distributed" / "worker.py", "errors")
     assert out.count(": errors ok") == 2

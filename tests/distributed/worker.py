@@ -234,7 +234,28 @@ def checkpoint_write_fails(directory: str) -> None:
     checkpoint_load(directory)
 
 
+def routing_bias() -> None:
+    """``update_routing_bias`` balances on the load of every rank: each rank routes its own tokens,
+    over expert-parallel layers, and all end with the bias the summed load gives."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    torch.manual_seed(0)
+    layer = moefx.MoE(d_model=D, d_hidden=H, num_experts=2 * world, top_k=2, gate="sigmoid", bias_update_rate=0.1,
+                      dtype=torch.float64)
+    moefx.parallelize(layer, moefx.expert_parallel_mesh(ep_size=world), data_parallel=False)
+    x, _ = _inputs(rank, 10 + 5 * rank, positive=False)
+    layer(x)
+    load = torch.bincount(layer.router(x).experts_TK.reshape(-1), minlength=2 * world).double()
+    everyone = [torch.empty_like(load) for _ in range(world)]
+    dist.all_gather(everyone, load)
+    total = torch.stack(everyone).sum(0)
+    moefx.update_routing_bias(layer)
+    _close("score_bias", layer.router.score_bias, 0.1 * torch.sign(total.mean() - total))
+    if torch.equal(total, load * world):
+        raise AssertionError("the ranks' loads should differ, or this checks nothing")
+
+
 SCENARIOS = {"equivalence": equivalence, "errors": errors, "export": export_shows_the_exchange,
+             "routing_bias": routing_bias,
              "checkpoint_save": checkpoint_save, "checkpoint_load": checkpoint_load,
              "checkpoint_dies": checkpoint_dies, "checkpoint_write_fails": checkpoint_write_fails}
 

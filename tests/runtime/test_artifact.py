@@ -79,6 +79,27 @@ def test_split_kmeans_round_trip(tmp_path):
         torch.testing.assert_close(_out(loaded(*args, **kwargs)), _out(model(*args, **kwargs)), rtol=0, atol=0)
 
 
+def test_sigmoid_gate_round_trip_keeps_its_groups_and_balancing_bias(tmp_path):
+    case = next(c for c in CASES if c.name == "llama")
+    model = case.build()
+    args, kwargs = case.inputs()
+    moefx.moefy(model, num_experts=8, top_k=2, gate="sigmoid", expert_groups=4, topk_groups=2, bias_update_rate=0.01,
+                example_inputs=args, example_kwargs=kwargs)
+    for _ in range(3):  # a trained bias, different per layer and expert
+        model(*args, **kwargs)
+        moefx.update_routing_bias(model)
+    moefx.save(model, tmp_path / "out")
+    loaded = moefx.load(tmp_path / "out", case.build())
+    for (_, want), (_, got) in zip(moefx.moe_layers(model), moefx.moe_layers(loaded), strict=True):
+        routing = ("gate", "top_k", "expert_groups", "topk_groups", "bias_update_rate", "renormalize")
+        assert [getattr(got.config, f) for f in routing] == [getattr(want.config, f) for f in routing] == [
+            "sigmoid", 2, 4, 2, 0.01, True]
+        assert torch.equal(got.router.score_bias, want.router.score_bias) and want.router.score_bias.abs().sum() > 0
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_out(loaded(*args, **kwargs)), _out(model(*args, **kwargs)), rtol=1e-6, atol=1e-6)
+
+
 def _mlp_model():
     torch.manual_seed(0)
     return nn.Sequential(nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8)))

@@ -42,6 +42,30 @@ def test_gates_fix_their_routing_options_and_refuse_contradictions():
         moefx.MoEConfig(**{**BASE, "top_k": 1, "gate": "switch", "renormalize": True})
 
 
+SIGMOID = {**BASE, "num_experts": 8, "gate": "sigmoid"}
+BAD_SIGMOID = [
+    ({**SIGMOID, "expert_groups": 3}, r"expert_groups=3.*divides num_experts=8"),
+    ({**SIGMOID, "expert_groups": 4, "topk_groups": 5}, r"topk_groups=5.*\[1, expert_groups=4\]"),
+    ({**SIGMOID, "expert_groups": 4, "topk_groups": 1, "top_k": 3}, r"top_k=3.*at most the 2 experts"),
+    ({**SIGMOID, "bias_update_rate": -0.1}, r"bias_update_rate=-0.1.*>= 0"),
+    ({**SIGMOID, "softmax_first": True}, r"softmax_first=True.*no softmax"),
+    ({**BASE, "expert_groups": 2}, r"expert_groups=2.*needs gate='sigmoid'"),
+    ({**BASE, "bias_update_rate": 0.001}, r"bias_update_rate=0.001.*needs gate='sigmoid'"),
+]
+
+
+@pytest.mark.parametrize("options,message", BAD_SIGMOID, ids=[m.split("=")[0] + str(i) for i, (_, m) in enumerate(BAD_SIGMOID)])
+def test_sigmoid_gate_options_are_checked(options, message):
+    with pytest.raises(ValueError, match=rf"MoEConfig\.{message}"):
+        moefx.MoEConfig(**options)
+
+
+def test_sigmoid_gate_defaults():
+    config = moefx.MoEConfig(**SIGMOID, expert_groups=4)
+    assert (config.renormalize, config.softmax_first, config.topk_groups, config.bias_update_rate) == (True, None, 4, 0.0)
+    assert moefx.MoEConfig(**SIGMOID, renormalize=False).renormalize is False
+
+
 def test_router_kinds_fix_their_top_k():
     with pytest.raises(ValueError, match=r"top_k=2.*gate='switch'"):
         moefx.MoEConfig(**{**BASE, "gate": "switch"})
