@@ -123,7 +123,7 @@ def load(
             raise ArtifactError(f"{out_dir} records no model file (it was saved from Python): pass the dense model, moefx.load(dir, model=...)")
         built = load_model_file(source["file"], source.get("entry"))
         model = given = built.model
-        model.to("meta")  # ours to discard: every tensor comes from the file, no second copy meanwhile
+        _to_meta_keeping_ties(model)  # ours to discard: every tensor comes from the file, no second copy meanwhile
         if example_inputs is None and example_kwargs is None:
             example_inputs, example_kwargs = built.example_args, built.example_kwargs
     files = weight_files(Path(out_dir))
@@ -143,6 +143,23 @@ def load(
             tensors.update((name, f.get_tensor(name)) for name in f.keys())
     assign_tensors(model, tensors)
     return given
+
+
+def _to_meta_keeping_ties(model: nn.Module) -> None:
+    """``model.to("meta")``, except that a tensor several modules hold (tied embeddings) stays one
+    tensor: ``.to`` gives each holder a copy of its own, so the saved file, which has the tied
+    tensor once, would then miss the others."""
+    new, old_ones = {}, []  # the old tensors stay referenced until the end, so no id is reused
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for key, old in table.items():
+                if old is None:
+                    continue
+                if id(old) not in new:
+                    old_ones.append(old)
+                    meta = torch.empty_like(old, device="meta")
+                    new[id(old)] = nn.Parameter(meta, old.requires_grad) if isinstance(old, nn.Parameter) else meta
+                table[key] = new[id(old)]
 
 
 def _load_into_expert_parallel(model: nn.Module, out_dir) -> None:

@@ -165,3 +165,26 @@ def test_sigmoid_gate_options_reach_every_layer(tmp_path):
     bad = run("convert", EXAMPLES / "tiny_llama.py", "--experts", "8", "--expert-groups", "2", "-o", "bad", cwd=tmp_path)
     assert bad.code == 2 and "expert_groups=2" in bad.err and "needs gate='sigmoid'" in bad.err, bad.err
     assert not (tmp_path / "bad").exists()
+
+
+def test_load_without_the_dense_model_keeps_tied_weights_tied(tmp_path):
+    """``moefx.load(dir)`` builds the model from its file and moves it to meta before reading the
+    weights: the tied LM head (saved once) must stay tied through that move."""
+    write_model_file(tmp_path, """
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        def build_model():
+            torch.manual_seed(0)
+            return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                                              use_cache=False, tie_word_embeddings=True))
+
+        def example_inputs():
+            return (torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0)),)
+    """)
+    assert run("convert", "model.py", "--experts", "2", "-o", "out", cwd=tmp_path).code == 0
+    loaded = moefx.load(tmp_path / "out")
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    assert not loaded.lm_head.weight.is_meta
+    inspected = run("inspect", "out", cwd=tmp_path)
+    assert inspected.code == 0, inspected.err
