@@ -107,8 +107,21 @@ def is_pointwise(node: fx.Node, root: nn.Module | None = None) -> bool:
 
 
 def tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    """The nodes ``node`` reads that carry values (parameters and buffers read by get_attr excluded)."""
-    return [n for n in node.all_input_nodes if n.op != "get_attr"]
+    """The nodes ``node`` reads that carry values: parameters and buffers read by get_attr are
+    excluded, and so are symbolic_trace's reads of a tensor's metadata (``x.to(y.dtype)``)."""
+    return [n for n in node.all_input_nodes if n.op != "get_attr" and not is_metadata_read(n)]
+
+
+# What symbolic_trace records for ``y.dtype``, ``y.shape``, ``y.size(0)``, ``y.dim()``: facts about a
+# tensor, not values computed from it.
+_METADATA_ATTRIBUTES = frozenset({"dtype", "device", "shape", "ndim", "layout", "is_cuda"})
+_METADATA_METHODS = frozenset({"size", "dim"})
+
+
+def is_metadata_read(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) == 2 and node.args[1] in _METADATA_ATTRIBUTES
+    return node.op == "call_method" and node.target in _METADATA_METHODS
 
 
 def shape_of(node: fx.Node) -> tuple[int, ...] | None:

@@ -72,18 +72,34 @@ def rewrite(model: nn.Module, plan: Plan, *, num_experts: int, top_k: int, init:
 
 
 def _trace_inline_parents(model: nn.Module, plan: Plan) -> tuple[dict[str, fx.GraphModule], dict[str, str]]:
-    """The re-traced module of every inline FFN (parent path → graph), and the FFNs whose module
-    cannot be re-traced (FFN path → reason)."""
-    traced, problems = {}, {}
+    """The re-traced, canonical module of every inline FFN (parent path → graph), and the FFNs
+    that cannot be rewritten there (FFN path → reason): all known before the first change."""
+    traced, problems, untraceable = {}, {}, {}
     for match in plan.convert:
         parent = match.placement.parent
-        if match.placement.how != "inline" or parent in traced:
+        if match.placement.how != "inline":
             continue
-        try:
-            traced[parent] = _trace_both_modes(model.get_submodule(parent), parent)
-        except RewriteError as err:
-            problems[match.path] = str(err)
+        if parent not in traced and parent not in untraceable:
+            try:
+                traced[parent] = _trace_both_modes(model.get_submodule(parent), parent)
+            except RewriteError as err:
+                untraceable[parent] = str(err)
+            else:
+                canonicalize(traced[parent])
+        if parent in untraceable:
+            problems[match.path] = untraceable[parent]
+        elif not _regions_of(traced[parent], match):
+            problems[match.path] = (
+                f"the FFN in {parent} ({type(model.get_submodule(parent)).__name__}) is found in the model's graph but "
+                "not when torch.fx traces that module alone, so it cannot be rewritten there"
+            )
     return traced, problems
+
+
+def _regions_of(gm: fx.GraphModule, match: FFNMatch) -> list:
+    """The regions of ``gm`` (the FFN's parent, traced alone) that are ``match``."""
+    relative = match.up.removeprefix(match.placement.parent + ".")
+    return [r for r in find_regions(gm) if r.up.weight == relative]
 
 
 def _template(model: nn.Module, match: FFNMatch) -> FFNTemplate:
@@ -131,11 +147,11 @@ def _replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
 def _rewrite_inline(model: nn.Module, match: FFNMatch, moe: MoE, traced: dict[str, fx.GraphModule]) -> None:
     placement = match.placement
     parent = model.get_submodule(placement.parent)
-    # A second FFN in the same module finds it rewritten already (a GraphModule): trace that.
-    gm = traced.pop(placement.parent, None) or fx.GraphModule(parent, _Tracer().trace(parent), type(parent).__name__)
-    canonicalize(gm)
-    relative = match.up.removeprefix(placement.parent + ".")
-    regions = [r for r in find_regions(gm) if r.up.weight == relative]
+    gm = traced.pop(placement.parent, None)
+    if gm is None:  # a second FFN in the same module finds it rewritten already (a GraphModule): trace that
+        gm = fx.GraphModule(parent, _Tracer().trace(parent), type(parent).__name__)
+        canonicalize(gm)
+    regions = _regions_of(gm, match)
     if not regions:
         raise RewriteError(f"{placement.parent}: the FFN found in the model's graph is not found when tracing this module alone")
     attr = placement.path.rpartition(".")[2]
