@@ -15,7 +15,9 @@ class CLIError(Exception):
 
 
 def check_conversion_options(args: argparse.Namespace) -> None:
-    """The limits argparse's types cannot express, as usage errors."""
+    """The limits argparse's types cannot express, as usage errors; fills the gate's default top-k."""
+    if args.top_k is None:  # Switch routes each token to one expert; every other gate defaults to 2
+        args.top_k = 1 if args.gate == "switch" else 2
     if args.experts < 2:
         raise CLIError(f"--experts {args.experts} is too small: an MoE layer needs at least 2 experts", code=2)
     if not 1 <= args.top_k <= args.experts:

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _conversion_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts", type=_int("--experts"), default=8, metavar="N", help="experts per MoE layer, >= 2 (default 8)")
-    p.add_argument("--top-k", type=_int("--top-k"), default=2, metavar="K", help="experts per token, 1..N (default 2)")
+    p.add_argument("--top-k", type=_int("--top-k"), metavar="K", help="experts per token, 1..N (default 2; 1 for --gate switch)")
     p.add_argument("--init", default="upcycle", type=_choice("--init", INIT_STRATEGIES), metavar="{" + ",".join(INIT_STRATEGIES) + "}")
     p.add_argument("--gate", default="topk", type=_choice("--gate", GATES), metavar="{" + ",".join(GATES) + "}")
     p.add_argument("--capacity-factor", type=_float("--capacity-factor"), metavar="F", help="> 0; default: dropless")

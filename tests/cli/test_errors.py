@@ -3,6 +3,8 @@ the fix, no traceback, and nothing written."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.cli.helpers import MLP_MODEL, moefx, write_model_file
@@ -63,8 +65,18 @@ CASES = {
     "capacity zero": (MLP_MODEL, ["--capacity-factor", "0"], 2, ["--capacity-factor 0.0 must be > 0"]),
     "unknown init": (MLP_MODEL, ["--init", "magic"], 2, ["--init 'magic' is unknown", "upcycle"]),
     "unknown gate": (MLP_MODEL, ["--gate", "magic"], 2, ["--gate 'magic' is unknown", "topk"]),
-    "gate needs top-1": (MLP_MODEL, ["--gate", "switch"], 2, ["top_k", "must be 1 for gate='switch'"]),
+    "gate needs top-1": (MLP_MODEL, ["--gate", "switch", "--top-k", "2"], 2, ["top_k", "must be 1 for gate='switch'"]),
+    "groups without sigmoid": (MLP_MODEL, ["--expert-groups", "2"], 2, ["expert_groups=2", "needs gate='sigmoid'"]),
 }
+
+
+def test_top_k_defaults_to_what_the_gate_needs(tmp_path):
+    write_model_file(tmp_path, MLP_MODEL)
+    for gate, top_k in (("switch", 1), ("gshard", 2), ("topk", 2)):
+        result = moefx("convert", "model.py", "--gate", gate, "-o", gate, cwd=tmp_path)
+        assert result.code == 0, result.err
+        (layer,) = json.loads((tmp_path / gate / "moefx.json").read_text())["moe_layers"]
+        assert (layer["gate"], layer["top_k"]) == (gate, top_k)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -115,5 +127,5 @@ def test_force_never_replaces_a_directory_that_is_not_a_moefx_output(tmp_path):
 
 def test_inspect_checks_its_options_before_loading(tmp_path):
     write_model_file(tmp_path, MLP_MODEL)
-    result = moefx("inspect", "model.py", "--gate", "switch", cwd=tmp_path)
+    result = moefx("inspect", "model.py", "--gate", "switch", "--top-k", "2", cwd=tmp_path)
     assert result.code == 2 and "must be 1 for gate='switch'" in result.err
