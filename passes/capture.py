@@ -10,8 +10,10 @@ With example inputs the model is captured by ``torch.export`` (non-strict, in ev
 mode restored after): an ATen graph with shapes. The graph is for analysis only, so its outputs
 are the tensors found in the model's output (a transformers KV cache object, say, which
 ``torch.export`` cannot flatten, is left out). Without, by ``torch.fx.symbolic_trace``: a
-torch-level graph, no shapes. If the chosen method fails, the other is tried; if both fail, the
-error names the construct that failed and what to pass instead. A model on the meta device is
+torch-level graph, no shapes. If the chosen method fails, the other is tried (a warning says so);
+if both fail, the error names the construct that failed and what to pass instead. When export
+fails, the model first runs on the inputs: inputs it rejects are an error, since symbolic_trace,
+which ignores them, would hide the mistake. A model on the meta device is
 captured without memory (tensor inputs are moved to meta).
 """
 
@@ -58,10 +60,16 @@ def capture(model: nn.Module, example_inputs: tuple | None = None, example_kwarg
     failures = []
     for attempt in attempts:
         try:
-            return attempt(model, example_inputs or (), example_kwargs or {})
+            captured = attempt(model, example_inputs or (), example_kwargs or {})
         except Exception as err:  # noqa: BLE001  (every failure is reported below)
             log.debug("capture by %s failed", attempt.__name__, exc_info=True)
             failures.append(f"{attempt.__name__.lstrip('_')} failed at {_failing_frame(err)}: {_first_line(err)}")
+            if attempt is _export:
+                _check_the_model_runs(model, example_inputs or (), example_kwargs or {})
+            continue
+        if failures:
+            log.warning("captured %s by symbolic_trace (no shapes): %s", type(model).__name__, failures[0])
+        return captured
     advice = (
         "pass example_inputs (a tuple of the forward's positional arguments) and example_kwargs so moefx can "
         "capture the model with torch.export"
@@ -83,6 +91,27 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
     finally:
         model.train(was_training)
     return Captured(program.module(), "export")
+
+
+def _check_the_model_runs(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """After export failed: inputs the model itself rejects are the user's mistake, not a construct
+    export cannot trace, and symbolic_trace (which ignores inputs) would hide it."""
+    if _on_meta(model):
+        args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001  (any failure of the forward itself)
+        frame = _failing_frame(err)
+        where = "" if os.path.join("passes", "capture.py") in frame else f" at {frame}"  # in torch's own modules
+        raise CaptureError(
+            f"{type(model).__name__} fails on the example inputs: model(*example_inputs, **example_kwargs) raised "
+            f"{_first_line(err)}{where}; pass inputs its forward accepts"
+        ) from err
+    finally:
+        model.train(was_training)
 
 
 def _output_tensors(output) -> tuple[torch.Tensor, ...]:

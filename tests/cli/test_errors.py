@@ -65,6 +65,10 @@ CASES = {
     "capacity zero": (MLP_MODEL, ["--capacity-factor", "0"], 2, ["--capacity-factor 0.0 must be > 0"]),
     "unknown init": (MLP_MODEL, ["--init", "magic"], 2, ["--init 'magic' is unknown", "upcycle"]),
     "unknown gate": (MLP_MODEL, ["--gate", "magic"], 2, ["--gate 'magic' is unknown", "topk"]),
+    "inputs the model rejects": (
+        MLP_MODEL.replace("torch.randn(3, 8)", "torch.randn(3, 5)"), [], 1,
+        ["fails on the example inputs", "mat1 and mat2 shapes cannot be multiplied"],
+    ),
     "gate needs top-1": (MLP_MODEL, ["--gate", "switch", "--top-k", "2"], 2, ["top_k", "must be 1 for gate='switch'"]),
     "groups without sigmoid": (MLP_MODEL, ["--expert-groups", "2"], 2, ["expert_groups=2", "needs gate='sigmoid'"]),
 }

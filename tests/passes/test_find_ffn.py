@@ -377,6 +377,36 @@ def test_untraceable_model_without_inputs_names_the_construct_and_the_fix():
         moefx.find_ffns(Untraceable())
 
 
+def test_example_inputs_the_model_rejects_are_an_error_not_a_silent_fallback():
+    """symbolic_trace ignores the inputs, so falling back to it would record shapes the model never ran."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+    with pytest.raises(CaptureError, match=r"Sequential fails on the example inputs.*shapes cannot be multiplied"):
+        moefx.moefy(model, example_inputs=(torch.randn(2, 8),))
+    assert isinstance(model[0], nn.Linear), "nothing is converted"
+
+
+@torch.fx.wrap
+def _flip_if_negative(x: torch.Tensor) -> torch.Tensor:
+    return x if x.sum() > 0 else -x  # data-dependent: export cannot follow it; fx keeps this call whole
+
+
+class ExportFailsOnly(nn.Module):
+    """Runs on its inputs and symbolic_trace sees its FFN, but export fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+
+    def forward(self, x):
+        return _flip_if_negative(self.mlp(x))
+
+
+def test_when_only_export_fails_the_fallback_is_taken_and_said(caplog):
+    captured = capture(ExportFailsOnly(), (X,))
+    assert captured.method == "symbolic_trace"
+    assert "captured ExportFailsOnly by symbolic_trace" in caplog.text and "export failed" in caplog.text
+
+
 def test_ffn_written_in_the_root_forward_is_refused_with_the_fix():
     reasons = _reasons(FusedGLU(True, True))
     assert any("wrap the model" in r for r in reasons), reasons
