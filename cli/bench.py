@@ -454,11 +454,17 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.processes < 1:
         p.error("--repeats and --processes must be >= 1 and --warmup >= 0")
+    for name in ("tokens", "d", "h", "experts", "top_k"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} {value} must be >= 1 (leave it out for S1's value)")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
     return args
 
 
 def chosen_shapes(args) -> list[Shape]:
-    overrides = {k: getattr(args, k) for k in ("tokens", "d", "h", "experts", "top_k") if getattr(args, k)}
+    overrides = {k: getattr(args, k) for k in ("tokens", "d", "h", "experts", "top_k") if getattr(args, k) is not None}
     if not overrides:
         return [SHAPES[name] for name in args.shapes]
     base = asdict(SHAPES["S1"]) | overrides | {"name": "custom"}

@@ -46,7 +46,7 @@ def run_convert(args: argparse.Namespace) -> int:
         before = parameter_counts(model)
         found = _search(model, built, stage)
         if not found.matches:
-            hint = f" ({len(found.rejected)} candidates rejected: moefx inspect {args.model_py} shows why)" if found.rejected else ""
+            hint = f" (rejected candidates: {len(found.rejected)}; moefx inspect {args.model_py} shows why)" if found.rejected else ""
             raise CLIError(f"no feed-forward block found in {file.name} ({type(model).__name__}); nothing written{hint}")
         if args.dry_run:
             chosen = plan(found.matches, include=args.include, exclude=args.exclude, every=args.every)

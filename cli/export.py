@@ -37,9 +37,11 @@ def run_export(args: argparse.Namespace) -> int:
         raise CLIError(f"{target} exists: pass --force to replace it, or -o another file", code=2)
     if args.format == "aoti" and target.suffix != ".pt2":
         raise CLIError(f"-o {target}: an AOTInductor package must be named *.pt2", code=2)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu", code=2)
     started = time.perf_counter()
     model, inputs, kwargs = _rebuild(out_dir, manifest)
-    device = torch.device(args.device)
     model.to(device)
     inputs, kwargs = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, (inputs, kwargs))
     try:

@@ -80,6 +80,11 @@ def conversion_options(
         raise ValueError(f"split_by={split_by!r} is unknown: must be one of {list(SPLIT_METHODS)}")
     if "feature_axis" in moe_options:
         raise ValueError("feature_axis is not an option of moefy: it is read from each FFN (1 for 1x1 convolutions)")
+    from_ffn = sorted(moe_options.keys() & {"d_model", "d_hidden", "activation", "gated", "bias"})
+    if from_ffn:
+        raise ValueError(f"{', '.join(from_ffn)}: not options of moefy; each MoE takes them from the FFN it replaces")
+    if not (isinstance(num_experts, int) and num_experts >= 2):
+        raise ValueError(f"num_experts={num_experts!r} is invalid: an MoE layer needs an integer >= 2 experts")
     MoEConfig(d_model=1, d_hidden=1, num_experts=num_experts, top_k=top_k, gate=gate, capacity_factor=capacity_factor,
               **moe_options)
     plan([], include=include, exclude=exclude, every=every)

@@ -47,3 +47,13 @@ def test_relative_error_of_a_nan_is_infinite():
     want = torch.ones(3)
     assert bench.relative_error(torch.tensor([1.0, float("nan"), 1.0]), want) == float("inf")
     assert bench.relative_error(torch.tensor([1.0, 1.0, 2.0]), want) == pytest.approx(1 / 3 ** 0.5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tokens", "0"], "--tokens 0 must be >= 1"),
+    (["--top-k", "-2"], "--top-k -2 must be >= 1"),
+])
+def test_bad_custom_shapes_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.parse_args(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -75,6 +75,8 @@ def test_aoti_package_runs_in_a_fresh_process(converted, tmp_path):
         (["export", "nowhere"], 2, "nowhere is not a directory: pass the output of moefx convert"),
         (["export", "out", "--format", "onnx"], 2, "--format 'onnx' is unknown: choose one of pt2, aoti, tensorrt"),
         (["export", "out", "--format", "aoti", "-o", "x.so"], 2, "an AOTInductor package must be named *.pt2"),
+        pytest.param(["export", "out", "--device", "cuda"], 2, "sees no CUDA GPU; use --device cpu",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is there to export for")),
     ],
 )
 def test_usage_errors(converted, argv, code, message):

@@ -170,6 +170,18 @@ def test_feature_axis_is_read_from_the_graph_not_taken_as_an_option():
     assert not list(moefx.moe_layers(model))  # refused before any change
 
 
+@pytest.mark.parametrize("options,message", [
+    (dict(num_experts=1), r"num_experts=1 is invalid: an MoE layer needs an integer >= 2 experts"),
+    (dict(activation="relu"), r"activation: not options of moefy; each MoE takes them from the FFN"),
+    (dict(d_hidden=8, gated=True), r"d_hidden, gated: not options of moefy"),
+])
+def test_options_moefy_cannot_take_are_named(options, message):
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+    with pytest.raises(ValueError, match=message):
+        moefx.moefy(model, **{"num_experts": 4, **options}, example_inputs=(X,))
+    assert not list(moefx.moe_layers(model))
+
+
 def test_pointwise_conv_ffn_with_a_per_channel_parameter_is_refused_with_the_reason():
     model = nn.Sequential(PointwiseConvFFN(mid=PerChannelScale()))
     x = torch.randn(2, 16, 3, 5)
