@@ -150,7 +150,9 @@ def _run(args: argparse.Namespace) -> int:
 def _fail(message: str, code: int, debug: bool) -> int:
     if debug:
         traceback.print_exc()
-    one_line = " ".join(part.strip() for part in message.strip().splitlines())
+    one_line = ""
+    for part in filter(None, (line.strip() for line in message.strip().splitlines())):
+        one_line += part if not one_line else (" " if one_line.endswith(":") else "; ") + part
     print(f"moefx: error: {one_line}", file=sys.stderr)
     return code
 

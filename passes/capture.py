@@ -19,6 +19,8 @@ captured without memory (tensor inputs are moved to meta).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import traceback
@@ -86,11 +88,24 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
     was_training = model.training
     model.eval()
     try:
-        with forward_override(model, _output_tensors):
+        with forward_override(model, _output_tensors), _quiet_torch():
             program = torch.export.export(model, args, kwargs, strict=False)
     finally:
         model.train(was_training)
     return Captured(program.module(), "export")
+
+
+@contextlib.contextmanager
+def _quiet_torch():
+    """On a failure, export logs and prints whole graphs to stderr; the error moefx raises says what
+    failed and where, and ``--debug`` logs the traceback, so that output is only noise."""
+    disabled = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(disabled)
 
 
 def _check_the_model_runs(model: nn.Module, args: tuple, kwargs: dict) -> None:

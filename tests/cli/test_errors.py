@@ -38,11 +38,10 @@ def build_model():
     return Gated()
 """
 
+# Runs on its inputs, but neither capture can follow `if x.sum() > 0`.
 ITEM_IN_FORWARD = DATA_DEPENDENT + """
 def example_inputs():
     return (torch.randn(3, 8),)
-
-Gated.forward = lambda self, x: self.down(torch.relu(self.up(x[: int(x.abs().sum().item() * 0) + 3].nonzero().float())))
 """
 
 CASES = {

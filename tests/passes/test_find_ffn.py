@@ -189,9 +189,17 @@ def test_pointwise_conv_ffn_with_a_per_channel_parameter_is_refused_with_the_rea
     assert any("between its 1x1 convolutions" in r for r in _reasons(model, x)), _reasons(model, x)
 
 
+class ConvThenLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(16, 32, 1), nn.Linear(32, 16)  # fc2 reads the last axis: the image's width
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
 def test_pointwise_conv_then_linear_is_refused_with_the_reason():
-    model = nn.Sequential(PointwiseConvFFN())
-    model[0].fc2 = nn.Linear(32, 16)  # over the last axis: the image's width, not the channels
+    model = nn.Sequential(ConvThenLinear())
     x = torch.randn(2, 16, 3, 32)
     assert _matches(model, x) == []
     assert any("mixes 1x1 convolutions and linears" in r for r in _reasons(model, x)), _reasons(model, x)
