@@ -25,6 +25,9 @@ DEFAULT_NAMES = {"pt2": "model.pt2", "aoti": "model.aoti.pt2", "tensorrt": "mode
 
 
 def run_export(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu", code=2)
     out_dir = Path(args.out_dir)
     if not out_dir.is_dir():
         raise CLIError(f"{args.out_dir} is not a directory: pass the output of moefx convert", code=2)
@@ -37,9 +40,6 @@ def run_export(args: argparse.Namespace) -> int:
         raise CLIError(f"{target} exists: pass --force to replace it, or -o another file", code=2)
     if args.format == "aoti" and target.suffix != ".pt2":
         raise CLIError(f"-o {target}: an AOTInductor package must be named *.pt2", code=2)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu", code=2)
     started = time.perf_counter()
     model, inputs, kwargs = _rebuild(out_dir, manifest)
     model.to(device)
