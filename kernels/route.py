@@ -19,6 +19,14 @@ from torch import Tensor
 from moefx.kernels.dtypes import at_least_fp32
 
 
+def count_choices(experts_TK: Tensor, num_experts: int) -> Tensor:
+    """Choices per expert, int64 ``[E]``. Not ``bincount``: it sizes its output from the largest
+    value, a device-to-host sync on a GPU. Integer sums are exact in any order, so the atomics of
+    ``scatter_add_`` keep this deterministic."""
+    ones = torch.ones_like(experts_TK).reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=experts_TK.device).scatter_add_(0, experts_TK.reshape(-1), ones)
+
+
 def _check(logits_TE: Tensor, top_k: int) -> None:
     if logits_TE.dim() != 2:
         raise ValueError(f"moefx::route expects logits of shape [tokens, experts], got {tuple(logits_TE.shape)}")
@@ -43,8 +51,7 @@ def route_with_torch(logits_TE: Tensor, top_k: int, renormalize: bool, softmax_f
     else:
         top_TK, experts_TK = logits.topk(top_k, dim=-1)
         weights_TK = torch.softmax(top_TK, dim=-1)
-    counts_E = torch.bincount(experts_TK.flatten(), minlength=logits_TE.shape[1])
-    return weights_TK, experts_TK, counts_E
+    return weights_TK, experts_TK, count_choices(experts_TK, logits_TE.shape[1])
 
 
 @route.register_fake

@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from moefx.kernels.route import count_choices
+
 
 @triton.jit
 def _route_kernel(
@@ -71,8 +73,4 @@ def route(logits_TE: Tensor, top_k: int, renormalize: bool, softmax_first: bool)
         logits_TE, weights, experts, T, E, logits_TE.stride(0), logits_TE.stride(1),
         K=top_k, KP=triton.next_power_of_2(top_k), RENORMALIZE=renormalize, SOFTMAX_FIRST=softmax_first, BT=BT, BE=BE,
     )
-    # Not bincount: it sizes its output from the largest value, a device-to-host sync. Integer
-    # sums are exact in any order, so the atomics of scatter_add_ do not make this nondeterministic.
-    counts = torch.zeros(E, dtype=torch.int64, device=logits_TE.device)
-    counts.scatter_add_(0, experts.flatten(), torch.ones_like(experts.flatten()))
-    return weights, experts, counts
+    return weights, experts, count_choices(experts, E)

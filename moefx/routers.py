@@ -21,6 +21,7 @@ from torch import Tensor, nn
 import moefx.kernels  # noqa: F401  (registers torch.ops.moefx)
 from moefx.config import MoEConfig
 from moefx.kernels.dtypes import at_least_fp32
+from moefx.kernels.route import count_choices
 
 
 def _upcast(t: Tensor) -> Tensor:
@@ -147,10 +148,7 @@ class SigmoidRouter(TopKRouter):
         weights_TK = scores_TE.gather(1, experts_TK)
         if self.renormalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        counts_E = torch.zeros(self.num_experts, dtype=torch.int64, device=x_TD.device).scatter_add_(
-            0, experts_TK.reshape(-1), torch.ones_like(experts_TK).reshape(-1)
-        )
-        return Routing(weights_TK, experts_TK, counts_E, logits_TE)
+        return Routing(weights_TK, experts_TK, count_choices(experts_TK, self.num_experts), logits_TE)
 
     def _keep_best_groups(self, choice_TE: Tensor) -> Tensor:
         """-inf outside each token's ``topk_groups`` best groups (a group's worth: its top-2 sum)."""

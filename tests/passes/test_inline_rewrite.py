@@ -4,6 +4,7 @@ other FFNs still convert; nothing is changed before every such check has passed.
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -75,24 +76,20 @@ def test_casts_that_read_the_input_dtype_convert():
     torch.testing.assert_close(converted, dense, rtol=1e-5, atol=1e-6)
 
 
-def test_a_module_that_reads_self_training_is_left_dense_with_the_reason(caplog):
-    model = Stack(TrainFlag(), CastInBetween())
-    dense, converted, paths = _convert(model)
-    assert paths == ["blocks.1.up_moe"]
-    assert isinstance(model.blocks[0], TrainFlag)
-    assert "differs between train and eval mode" in caplog.text
-    torch.testing.assert_close(converted, dense, rtol=1e-5, atol=1e-6)
-
-
-def test_an_ffn_torch_fx_cannot_see_alone_is_left_dense_and_the_others_convert(caplog):
-    """Found on the export graph, not on the module's fx trace. It comes after a convertible FFN,
-    so a rewrite that checked as it went would have converted that one before refusing."""
-    model = Stack(CastInBetween(), OpaqueToFx())
-    dense, converted, paths = _convert(model)
-    assert paths == ["blocks.0.up_moe"]
-    assert isinstance(model.blocks[1], OpaqueToFx)
-    assert "not when torch.fx traces that module alone" in caplog.text
-    torch.testing.assert_close(converted, dense, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("blocks,converted,left,reason", [
+    # forward reads self.training: fx would freeze one mode
+    ((TrainFlag, CastInBetween), "blocks.1.up_moe", 0, "differs between train and eval mode"),
+    # found on the export graph, not on the module's fx trace; it comes after a convertible FFN, so
+    # a rewrite that checked as it went would have converted that one before refusing
+    ((CastInBetween, OpaqueToFx), "blocks.0.up_moe", 1, "not when torch.fx traces that module alone"),
+])
+def test_an_ffn_the_rewrite_cannot_reach_is_left_dense_and_the_others_convert(blocks, converted, left, reason, caplog):
+    model = Stack(*(block() for block in blocks))
+    dense, out, paths = _convert(model)
+    assert paths == [converted]
+    assert isinstance(model.blocks[left], blocks[left])
+    assert reason in caplog.text
+    torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-6)
 
 
 def test_when_no_ffn_can_be_rewritten_the_model_is_unchanged():

@@ -93,7 +93,6 @@ def _by_expert(experts_TK: torch.Tensor, weights_TK: torch.Tensor) -> tuple[torc
 @pytest.mark.parametrize("groups,topk_groups,top_k,renormalize", [(1, 1, 2, True), (4, 2, 3, True), (8, 3, 2, False),
                                                                   (2, 1, 4, True)])
 def test_sigmoid_router_chooses_and_weighs_like_deepseek_v3(groups, topk_groups, top_k, renormalize):
-    pytest.importorskip("transformers")
     torch.manual_seed(0)
     layer = moefx.MoE(d_model=12, d_hidden=8, num_experts=16, top_k=top_k, gate="sigmoid", expert_groups=groups,
                       topk_groups=topk_groups, renormalize=renormalize)
