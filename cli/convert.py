@@ -15,7 +15,7 @@ from moefx.artifact import MANIFEST, read_manifest, save
 from moefx.atomic import refuse_existing
 from moefx.cli.checks import CLIError, check_conversion_options, check_model_file, options_from_args
 from moefx.cli.views import make_console, summary_table
-from moefx.model import parameter_counts
+from moefx.model import expert_size, moe_layers, parameter_counts
 from moefx.model_file import ModelFile, ModelFileError, load_model_file
 from moefx.passes.capture import CaptureError
 from moefx.passes.driver import NoFFNFound, convert_found, search
@@ -72,11 +72,18 @@ def run_convert(args: argparse.Namespace) -> int:
         ("MoE", f"{args.experts} experts, top-{args.top_k}, gate {args.gate}, init {args.init}"),
         ("parameters", f"{_count(before.total)} → {_count(after.total)}"),
         ("active per token", _count(after.active_per_token)),
-        ("expert size", f"{_count(after.expert)} parameters"),
+        ("expert size", _expert_sizes(model)),
         ("output", str(out.absolute())),
     ]
     make_console().print(summary_table("moefx convert", rows))
     return 0
+
+
+def _expert_sizes(model) -> str:
+    sizes = sorted({expert_size(layer) for _, layer in moe_layers(model)})
+    if len(sizes) == 1:
+        return f"{_count(sizes[0])} parameters"
+    return f"{_count(sizes[0])} to {_count(sizes[-1])} parameters, by layer"
 
 
 def _load(file: Path, entry: str | None) -> ModelFile:

@@ -12,6 +12,7 @@ from pathlib import Path
 from moefx.artifact import ArtifactError, load
 from moefx.cli.checks import CLIError, check_conversion_options, options_from_args
 from moefx.cli.layer_graph import layer_graph
+from moefx.cli.main import given_conversion_options
 from moefx.cli.views import candidates, graph_table, make_console, module_tree
 from moefx.model import moe_layers
 from moefx.model_file import ModelFileError, load_model_file
@@ -24,6 +25,11 @@ from moefx.record import Conversion, add_conversion, conversions
 def run_inspect(args: argparse.Namespace) -> int:
     target = Path(args.target)
     if target.is_dir():
+        given = given_conversion_options(args)
+        if given:
+            raise CLIError(
+                f"{' '.join(given)} cannot change {target}: an output directory is shown as it was converted. "
+                "Pass the options with the model file instead (moefx inspect MODEL_PY ...)", code=2)
         model, source = _from_output(target), str(target.absolute())
     elif target.is_file():
         check_conversion_options(args)

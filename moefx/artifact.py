@@ -49,6 +49,11 @@ def save(model: nn.Module, out_dir: str | Path, *, force: bool = False, source: 
     model = _unwrap(model)
     if is_offloaded(model):
         raise ArtifactError("an offloaded model holds only some of its experts: save the model before moefx.offload")
+    if next(moe_layers(model), None) is None:
+        raise ArtifactError(
+            f"{type(model).__name__} has no MoE layer, so there is nothing for moefx.load to rebuild: convert it "
+            "first with moefx.moefy(model, ...), or save a dense model with safetensors"
+        )
     tensors = _named_tensors(model)
     manifest = manifest_for(model, source)
     if is_expert_parallel(model):
@@ -121,6 +126,11 @@ def load(
         source = manifest.get("source") or {}
         if not source.get("file"):
             raise ArtifactError(f"{out_dir} records no model file (it was saved from Python): pass the dense model, moefx.load(dir, model=...)")
+        if not Path(source["file"]).is_file():
+            raise ArtifactError(
+                f"{out_dir} was converted from {source['file']}, which is not there any more: put the file back, or "
+                "pass the dense model, moefx.load(dir, model=...)"
+            )
         built = load_model_file(source["file"], source.get("entry"))
         model = given = built.model
         _to_meta_keeping_ties(model)  # ours to discard: every tensor comes from the file, no second copy meanwhile

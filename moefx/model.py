@@ -76,10 +76,14 @@ def parameter_counts(model: nn.Module) -> ParameterCounts:
     idle, expert = 0, 0
     for _, layer in moe_layers(model):
         config = layer.config
-        held = layer.experts.in_proj.shape[0]  # fewer than num_experts on an expert-parallel rank
-        routed_here = sum(p.numel() for p in layer.experts.parameters(recurse=False))
-        routed = routed_here * config.num_experts // held
-        total += routed - routed_here
-        idle += routed * (config.num_experts - config.top_k) // config.num_experts
-        expert = max(expert, routed // config.num_experts)
+        size = expert_size(layer)
+        total += size * config.num_experts - sum(p.numel() for p in layer.experts.parameters(recurse=False))
+        idle += size * (config.num_experts - config.top_k)
+        expert = max(expert, size)
     return ParameterCounts(total, total - idle, expert)
+
+
+def expert_size(layer: MoE) -> int:
+    """Parameters of one of the layer's experts."""
+    held = layer.experts.in_proj.shape[0]  # fewer than num_experts on an expert-parallel rank
+    return sum(p.numel() for p in layer.experts.parameters(recurse=False)) // held

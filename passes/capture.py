@@ -59,7 +59,7 @@ def capture(model: nn.Module, example_inputs: tuple | None = None, example_kwarg
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     attempts = [_symbolic_trace] if example_inputs is None and example_kwargs is None else [_export, _symbolic_trace]
-    failures = []
+    failures, data_dependent = [], None
     for attempt in attempts:
         try:
             captured = attempt(model, example_inputs or (), example_kwargs or {})
@@ -68,10 +68,18 @@ def capture(model: nn.Module, example_inputs: tuple | None = None, example_kwarg
             failures.append(f"{attempt.__name__.lstrip('_')} failed at {_failing_frame(err)}: {_first_line(err)}")
             if attempt is _export:
                 _check_the_model_runs(model, example_inputs or (), example_kwargs or {})
+                if type(err).__name__ == "GuardOnDataDependentSymNode":
+                    data_dependent = _failing_frame(err)
             continue
         if failures:
             log.warning("captured %s by symbolic_trace (no shapes): %s", type(model).__name__, failures[0])
         return captured
+    if data_dependent is not None:  # the common case, said plainly: neither tracer follows a tensor's value
+        raise CaptureError(
+            f"cannot capture {type(model).__name__} as a graph: {data_dependent} depends on a tensor's values, "
+            "which torch.export and symbolic_trace cannot follow. Compute both sides and pick with torch.where "
+            "(or use torch.cond), or move that decision out of forward"
+        )
     advice = (
         "pass example_inputs (a tuple of the forward's positional arguments) and example_kwargs so moefx can "
         "capture the model with torch.export"

@@ -46,7 +46,7 @@ def _globs(value, name: str) -> list[str]:
         return []
     if isinstance(value, str):
         return [value]
-    globs = list(value)
-    if not all(isinstance(g, str) for g in globs):
+    globs = list(value) if isinstance(value, (list, tuple, set, frozenset)) else None
+    if globs is None or not all(isinstance(g, str) for g in globs):
         raise TypeError(f"{name}={value!r} must be a glob string or a list of them, e.g. 'layers.*.mlp'")
     return globs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -188,3 +189,34 @@ def test_load_without_the_dense_model_keeps_tied_weights_tied(tmp_path):
     assert not loaded.lm_head.weight.is_meta
     inspected = run("inspect", "out", cwd=tmp_path)
     assert inspected.code == 0, inspected.err
+
+
+TWO_FFN_SIZES = """
+import torch
+from torch import nn
+
+class Two(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wide = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
+        self.narrow = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+
+    def forward(self, x):
+        return self.narrow(self.wide(x))
+
+def build_model():
+    return Two()
+
+def example_inputs():
+    return (torch.randn(3, 8),)
+"""
+
+
+def test_summary_gives_the_expert_size_of_each_layer_size(tmp_path):
+    """Upcycled experts are copies of their dense FFN: one expert has that FFN's parameter count."""
+    write_model_file(tmp_path, TWO_FFN_SIZES)
+    dense = load_model_file(tmp_path / "model.py").model
+    narrow, wide = (sum(p.numel() for p in ffn.parameters()) for ffn in (dense.narrow, dense.wide))
+    result = run("convert", "model.py", "--experts", "2", cwd=tmp_path, env={"COLUMNS": "200"})
+    assert result.code == 0, result.err
+    assert re.search(rf"expert size\s+│ {narrow} to {wide} parameters, by layer", result.out), result.out

@@ -55,7 +55,10 @@ CASES = {
     "no builder": ("x = 1\n", [], 1, ["neither build_model() nor a `model` object", "--entry"]),
     "unknown entry": (MLP_MODEL, ["--entry", "make_it"], 1, ["no 'make_it'", "build_model"]),
     "inputs needed": (DATA_DEPENDENT, [], 1, ["defines no example_inputs()", "define example_inputs()"]),
-    "capture fails": (ITEM_IN_FORWARD, [], 1, ["cannot capture Gated", "model.py:"]),
+    "capture fails": (
+        ITEM_IN_FORWARD, [], 1,
+        ["cannot capture Gated", "model.py:11 in forward (if x.sum() > 0:) depends on a tensor's values", "torch.where"],
+    ),
     "no ffn": (CONV_NET, [], 1, ["no feed-forward block found", "nothing written"]),
     "one expert": (MLP_MODEL, ["--experts", "1"], 2, ["--experts 1", "at least 2"]),
     "experts not an integer": (MLP_MODEL, ["--experts", "four"], 2, ["--experts must be an integer", "'four'"]),
@@ -119,6 +122,15 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_no_command_is_a_usage_error(tmp_path):
     result = moefx(cwd=tmp_path)
     assert result.code == 2 and "no command given" in result.err
+
+
+def test_version_names_moefx_torch_and_triton(tmp_path):
+    import torch
+
+    import moefx as package
+
+    result = moefx("--version", cwd=tmp_path)
+    assert result.code == 0 and result.out.startswith(f"moefx {package.__version__} (torch {torch.__version__}, triton ")
 
 
 def test_force_never_replaces_a_directory_that_is_not_a_moefx_output(tmp_path):

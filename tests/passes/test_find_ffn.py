@@ -439,6 +439,9 @@ def test_include_exclude_every():
     assert [p for p, _ in moefx.moe_layers(model)] == ["2"]
     with pytest.raises(ValueError, match="leave none"):
         moefx.moefy(nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)), example_inputs=(X,), include="x*")
+    for bad in (3, [3], {"0": 1}):  # not a glob string or a list of them
+        with pytest.raises(TypeError, match="must be a glob string or a list of them"):
+            moefx.moefy(nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)), example_inputs=(X,), include=bad)
 
 
 def test_meta_device_model_is_found_and_converted_without_memory():

@@ -10,6 +10,7 @@ from torch import nn
 
 import moefx
 from moefx.artifact import ArtifactError
+from moefx.model_file import load_model_file
 from tests.passes.models import CASES
 from tests.runtime.saved_cases import convert_and_save
 
@@ -131,8 +132,30 @@ def test_directories_that_are_not_outputs_are_refused(tmp_path):
 def test_saving_meta_weights_is_refused_and_writes_nothing(tmp_path):
     with torch.device("meta"):
         model = _mlp_model()
+    moefx.moefy(model, num_experts=2, example_inputs=(torch.randn(2, 8),))
     with pytest.raises(ArtifactError, match="meta device"):
         moefx.save(model, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_loading_after_the_model_file_moved_names_both_fixes(tmp_path):
+    (tmp_path / "model.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def build_model():\n    return nn.Sequential(nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8)))\n\n"
+        "def example_inputs():\n    return (torch.randn(2, 8),)\n"
+    )
+    built = load_model_file(tmp_path / "model.py")
+    moefx.moefy(built.model, num_experts=2, example_inputs=built.example_args)
+    moefx.save(built.model, tmp_path / "out", source={"file": str(built.path), "entry": built.entry})
+    assert isinstance(moefx.load(tmp_path / "out"), nn.Sequential)  # the control: the file is there
+    (tmp_path / "model.py").rename(tmp_path / "moved.py")
+    with pytest.raises(ArtifactError, match=r"model.py, which is not there any more: put the file back.*model=\.\.\."):
+        moefx.load(tmp_path / "out")
+
+
+def test_saving_a_model_that_was_never_converted_is_refused(tmp_path):
+    with pytest.raises(ArtifactError, match=r"Sequential has no MoE layer.*moefx.moefy"):
+        moefx.save(_mlp_model(), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
