@@ -30,7 +30,7 @@ from operator import attrgetter
 from torch import fx, nn
 
 from moefx.passes import normal_form
-from moefx.passes.ops import ASSERTIONS, CONVOLUTIONS, arg, op_name, shape_of
+from moefx.passes.ops import ASSERTIONS, CONVOLUTIONS, arg, op_name, remove_dead_code, shape_of
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def canonicalize(gm: fx.GraphModule) -> Canonicalized:
         elif name == "einsum":
             rewritten += _from_einsum(node)
     if rewritten or erased:
-        graph.eliminate_dead_code()
+        remove_dead_code(graph)
         graph.lint()
         gm.recompile()
     linears = sum(normal_form.is_linear(n) for n in graph.nodes)

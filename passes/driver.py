@@ -110,7 +110,7 @@ def convert_found(
             f"of the FFNs {paths} to convert"
         )
     (on_stage or (lambda name: None))("rewrite")
-    done = rewrite(model, chosen, **build)
+    done = rewrite(model, chosen, example_inputs=example_inputs, example_kwargs=example_kwargs, **build)
     for match, reason in done.skipped:
         log.warning("not converting %s: %s", match.path, reason)
     if not done.converted:  # every FFN was refused before any change: the model is as it was

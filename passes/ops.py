@@ -155,3 +155,11 @@ def module_scope(node: fx.Node) -> list[tuple[str, str, str]]:
         name = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
         scope.append((key, path, name.rsplit(".", 1)[-1]))
     return scope
+
+
+def remove_dead_code(graph: fx.Graph) -> None:
+    """``graph.eliminate_dead_code()`` that keeps fx's guards on fixed arguments (``concrete_args``):
+    ``_assert_is_none`` has no users and is not marked impure, and without it a call with another
+    value would silently run the fixed-value graph."""
+    guard = torch.fx._symbolic_trace._assert_is_none
+    graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure() or node.target is guard)

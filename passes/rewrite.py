@@ -5,8 +5,8 @@
       gate_proj, up_proj, down_proj, act_fn                          layer.output.dense: Folded
                                                                      layer.output.LayerNorm (unchanged)
 
-    after (inline): blocks.0 becomes an fx.GraphModule (same class name, same submodules and
-    parameters but the FFN's) whose forward calls ``blocks.0.w1_moe``, a new MoE submodule.
+    after (inline, see ``inline``): blocks.0 keeps its class, attributes and other submodules; its
+    forward (torch.fx code now) calls ``blocks.0.w1_moe``, a new MoE submodule.
 
 Weights come from the dense FFN through an init strategy (``moefx.init``). Every reference to a
 replaced module is updated, so a module shared by several parents (ALBERT) becomes one shared MoE.
@@ -16,13 +16,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import fx, nn
+from torch import nn
 
 from moefx.folded import Folded
 from moefx.layer import MoE
-from moefx.passes.canonicalize import canonicalize
-from moefx.passes.capture import _Tracer
-from moefx.passes.find_ffn import FFNMatch, find_regions
+from moefx.passes.find_ffn import FFNMatch
+from moefx.passes.inline import rewrite_inline, trace_parents
 from moefx.passes.plan import Plan
 from moefx.template import FFNTemplate
 
@@ -43,7 +42,10 @@ class Rewritten:
     skipped: tuple[tuple[FFNMatch, str], ...] = ()  # inline FFNs whose module cannot be re-traced, and why
 
 
-def rewrite(model: nn.Module, plan: Plan, *, num_experts: int, top_k: int, init: str, **options) -> Rewritten:
+def rewrite(
+    model: nn.Module, plan: Plan, *, num_experts: int, top_k: int, init: str, example_inputs=None, example_kwargs=None,
+    **options,
+) -> Rewritten:
     """Every check runs before the first change, so a refusal leaves the model as it was."""
     for match in plan.convert:
         if init == "split" and match.rowwise_mid:
@@ -51,7 +53,7 @@ def rewrite(model: nn.Module, plan: Plan, *, num_experts: int, top_k: int, init:
                 f"init='split' cannot split {match.path}: the ops between its projections ({match.activation}) mix "
                 "hidden neurons, so the neurons cannot be shared out among experts; use init='upcycle'"
             )
-    traced, skipped = _trace_inline_parents(model, plan)
+    traced, skipped = trace_parents(model, plan, example_inputs, example_kwargs)
     converted = []
     for match in plan.convert:
         if match.path in skipped:
@@ -61,45 +63,18 @@ def rewrite(model: nn.Module, plan: Plan, *, num_experts: int, top_k: int, init:
         moe = MoE.from_ffn(template, num_experts=num_experts, top_k=top_k, init=init, **layer_options)
         del template
         placement = match.placement
+        # The new modules take the train/eval mode of what they replace (a model converted in
+        # eval mode must not route, or drop out, as in training).
+        replaced = model.get_submodule(placement.parent if placement.how == "inline" else placement.path)
+        moe.train(replaced.training)
         if placement.how == "inline":
-            _rewrite_inline(model, match, moe, traced)
+            rewrite_inline(model, match, moe, traced)
         else:
             _replace_module(model, placement.path, moe)
             for path in placement.folded:
-                _replace_module(model, path, Folded(into=placement.path))
+                _replace_module(model, path, Folded(into=placement.path).train(replaced.training))
         converted.append(Converted(match, moe))
     return Rewritten(tuple(converted), tuple((m, skipped[m.path]) for m in plan.convert if m.path in skipped))
-
-
-def _trace_inline_parents(model: nn.Module, plan: Plan) -> tuple[dict[str, fx.GraphModule], dict[str, str]]:
-    """The re-traced, canonical module of every inline FFN (parent path → graph), and the FFNs
-    that cannot be rewritten there (FFN path → reason): all known before the first change."""
-    traced, problems, untraceable = {}, {}, {}
-    for match in plan.convert:
-        parent = match.placement.parent
-        if match.placement.how != "inline":
-            continue
-        if parent not in traced and parent not in untraceable:
-            try:
-                traced[parent] = _trace_both_modes(model.get_submodule(parent), parent)
-            except RewriteError as err:
-                untraceable[parent] = str(err)
-            else:
-                canonicalize(traced[parent])
-        if parent in untraceable:
-            problems[match.path] = untraceable[parent]
-        elif not _regions_of(traced[parent], match):
-            problems[match.path] = (
-                f"the FFN in {parent} ({type(model.get_submodule(parent)).__name__}) is found in the model's graph but "
-                "not when torch.fx traces that module alone, so it cannot be rewritten there"
-            )
-    return traced, problems
-
-
-def _regions_of(gm: fx.GraphModule, match: FFNMatch) -> list:
-    """The regions of ``gm`` (the FFN's parent, traced alone) that are ``match``."""
-    relative = match.up.removeprefix(match.placement.parent + ".")
-    return [r for r in find_regions(gm) if r.up.weight == relative]
 
 
 def _template(model: nn.Module, match: FFNMatch) -> FFNTemplate:
@@ -142,53 +117,3 @@ def _replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
         for name, child in list(parent._modules.items()):
             if child is old:
                 setattr(parent, name, new)
-
-
-def _rewrite_inline(model: nn.Module, match: FFNMatch, moe: MoE, traced: dict[str, fx.GraphModule]) -> None:
-    placement = match.placement
-    parent = model.get_submodule(placement.parent)
-    gm = traced.pop(placement.parent, None)
-    if gm is None:  # a second FFN in the same module finds it rewritten already (a GraphModule): trace that
-        gm = fx.GraphModule(parent, _Tracer().trace(parent), type(parent).__name__)
-        canonicalize(gm)
-    regions = _regions_of(gm, match)
-    if not regions:
-        raise RewriteError(f"{placement.parent}: the FFN found in the model's graph is not found when tracing this module alone")
-    attr = placement.path.rpartition(".")[2]
-    gm.add_submodule(attr, moe)
-    graph = gm.graph
-    for region in regions:
-        with graph.inserting_before(region.down.node):
-            call = graph.call_module(attr, (region.entry,))
-        region.down.node.replace_all_uses_with(call)
-        for node in reversed(region.nodes):
-            graph.erase_node(node)
-    graph.eliminate_dead_code()
-    graph.lint()
-    new = fx.GraphModule(gm, graph, type(parent).__name__)
-    _replace_module(model, placement.parent, new)
-
-
-def _trace_both_modes(module: nn.Module, path: str) -> fx.GraphModule:
-    """The module's forward traced by torch.fx; refused when train and eval trace differently."""
-    was_training = module.training
-    traced = {}
-    try:
-        for mode in (True, False):
-            module.train(mode)
-            try:
-                traced[mode] = fx.GraphModule(module, _Tracer().trace(module), type(module).__name__)
-            except Exception as err:  # noqa: BLE001
-                raise RewriteError(
-                    f"the FFN in {path} ({type(module).__name__}) is written inside its forward, which torch.fx cannot "
-                    f"trace on its own ({type(err).__name__}: {err}); put the FFN in an nn.Module of its own"
-                ) from err
-    finally:
-        module.train(was_training)
-    if traced[True].code != traced[False].code:
-        raise RewriteError(
-            f"the forward of {path} ({type(module).__name__}) differs between train and eval mode (it reads "
-            "self.training, e.g. F.dropout(x, p, self.training)); torch.fx would freeze one mode. Use nn.Dropout "
-            "modules, or put the FFN in an nn.Module of its own"
-        )
-    return traced[was_training]

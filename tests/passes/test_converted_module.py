@@ -85,3 +85,21 @@ def test_ddp_trains_a_converted_model():
             assert all(g is not None and torch.isfinite(g).all() for g in grads)
         finally:
             dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["bert", "inline_f_linear", "poolformer_like"])  # fold, inline, swap (1x1 conv)
+@pytest.mark.parametrize("mode", [False, True])
+def test_new_modules_take_the_train_or_eval_mode_of_the_model(name, mode):
+    """GShard keeps its second expert at random in training only: a model converted in eval mode
+    that left its MoE layers in training would differ from the dense model, and from call to call."""
+    torch.manual_seed(0)
+    case = _BY_NAME[name]
+    model = case.build().train(mode)
+    args, kwargs = case.inputs()
+    with torch.no_grad():
+        dense = _out(model(*args, **kwargs)) if not mode else None
+    moefx.moefy(model, 4, 2, gate="gshard", example_inputs=args, example_kwargs=kwargs)
+    assert {m.training for m in model.modules()} == {mode}
+    if not mode:  # upcycled, renormalised top-2 of copies: the dense model's output
+        with torch.no_grad():
+            torch.testing.assert_close(_out(model(*args, **kwargs)), dense, rtol=1e-5, atol=1e-5)

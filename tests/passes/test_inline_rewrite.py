@@ -4,6 +4,9 @@ other FFNs still convert; nothing is changed before every such check has passed.
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -103,3 +106,82 @@ def test_when_no_ffn_can_be_rewritten_the_model_is_unchanged():
         raise AssertionError("moefy converted nothing but raised nothing")
     assert [type(b) for b in model.blocks] == [OpaqueToFx, TrainFlag]
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class OptionalFeatures(nn.Module):
+    """Adds positional features when given: fx sees a placeholder for `coords`, never a tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down, self.pos = nn.Linear(16, 48), nn.Linear(48, 16), nn.Linear(2, 16)
+
+    def forward(self, x, coords=None):
+        if isinstance(coords, torch.Tensor):
+            x = x + self.pos(coords)
+        return x + self.down(F.gelu(self.up(x)))
+
+
+class WithFeatures(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block, self.plain = OptionalFeatures(), CastInBetween()
+
+    def forward(self, x, coords):
+        return self.plain(self.block(x, coords))
+
+
+def test_a_trace_that_differs_from_the_forward_is_left_dense_with_the_reason(caplog):
+    torch.manual_seed(0)
+    model = WithFeatures().eval()
+    args = (torch.randn(2, 5, 16), torch.randn(2, 5, 2))
+    with torch.no_grad():
+        dense = model(*args)
+    moefx.moefy(model, num_experts=2, top_k=2, example_inputs=args)
+    assert [path for path, _ in moefx.moe_layers(model)] == ["plain.up_moe"]
+    assert "trace of block (OptionalFeatures) alone does not reproduce its forward" in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(model(*args), dense, rtol=1e-5, atol=1e-6)
+
+
+class OptionalMask(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 48), nn.Linear(48, 16)
+        self.probe_head = nn.Linear(16, 3)  # used by another method only
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))  # not read by forward
+        self.layer_index = 7
+
+    def forward(self, x, mask=None):
+        if mask is not None:
+            x = x.masked_fill(mask[..., None], 0.0)
+        return x + self.down(F.gelu(self.up(x)))
+
+    def probe(self, x):
+        return self.probe_head(x)
+
+
+def test_the_module_keeps_its_class_attributes_and_the_arguments_it_was_called_with():
+    """Traced with a placeholder for `mask`, `mask is not None` would hold and the forward would
+    fail on the very inputs it was converted with; the module itself must stay what it was."""
+    torch.manual_seed(0)
+    model = Stack(OptionalMask()).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        dense = model(x)
+    moefx.moefy(model, num_experts=2, top_k=2, example_inputs=(x,))
+    block = model.blocks[0]
+    assert isinstance(block, OptionalMask) and block.layer_index == 7 and block.probe(x).shape == (2, 5, 3)
+    assert sorted(name for name, _ in block.named_children()) == ["probe_head", "up_moe"]  # up and down are experts
+    assert "step" in dict(block.named_buffers())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), dense, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(block(x, mask=None), dense, rtol=1e-5, atol=1e-6)  # called by keyword too
+    with pytest.raises(AssertionError, match="mask has been specialized to have value None"):
+        block(x, torch.zeros(2, 5, dtype=torch.bool))  # a call the conversion never saw is refused, not wrong
+    other = OptionalMask()
+    assert type(other).forward is OptionalMask.forward, "only the converted object changed"
+    copied = copy.deepcopy(model)  # through the module's __reduce_ex__, as pickle goes
+    assert isinstance(copied.blocks[0], OptionalMask) and copied.blocks[0].layer_index == 7
+    with torch.no_grad():
+        torch.testing.assert_close(copied(x), dense, rtol=1e-5, atol=1e-6)
+    assert pickle.dumps(model)
