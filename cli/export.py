@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch.utils._pytree import tree_map
 
-from moefx.artifact import ArtifactError, load, read_manifest
+from moefx.artifact import ArtifactError, found_source, load, read_manifest
 from moefx.cli.checks import CLIError
 from moefx.cli.convert import cast_inputs
 from moefx.cli.views import make_console, summary_table
@@ -68,9 +68,11 @@ def run_export(args: argparse.Namespace) -> int:
 def _rebuild(out_dir: Path, manifest: dict):
     """The converted model with its weights, and example inputs: the model file's, else zeros of the
     shapes recorded at conversion."""
-    source = manifest.get("source") or {}
-    if not source.get("file"):
+    if not (manifest.get("source") or {}).get("file"):
         raise CLIError(f"{out_dir} records no model file (it was saved from Python): use moefx.export(model, path, example_inputs=...)")
+    source = found_source(manifest["source"], out_dir)
+    if source is None:
+        raise CLIError(f"{out_dir} was converted from {manifest['source']['file']}, which is not there any more: put it back")
     try:
         built = load_model_file(source["file"], source.get("entry"))
         model = load(out_dir, built.model, example_inputs=built.example_args, example_kwargs=built.example_kwargs)

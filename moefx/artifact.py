@@ -14,6 +14,7 @@ saved tensors in place. Weights are read only through safetensors, never pickle.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from moefx.distributed_checkpoint import MANIFEST, is_expert_parallel, load_dist
 from moefx.model import moe_layers, named_tensors, parameter_counts
 from moefx.model_file import load_model_file
 from moefx.offloaded_experts import is_offloaded
-from moefx.record import Conversion, conversions, inputs_from_spec, set_conversions
+from moefx.record import Conversion, conversions, inputs_from_spec, model_source, set_conversions, set_model_source
 from moefx.weight_files import INDEX, WEIGHTS, weight_files
 
 FORMAT_VERSION = 1
@@ -55,6 +56,9 @@ def save(model: nn.Module, out_dir: str | Path, *, force: bool = False, source: 
             "first with moefx.moefy(model, ...), or save a dense model with safetensors"
         )
     tensors = _named_tensors(model)
+    source = source if source is not None else model_source(model)  # a loaded model keeps its file
+    if source is not None and source.get("file"):  # also relative to the output: a project moved whole
+        source = {**source, "file_from_output": os.path.relpath(source["file"], Path(out_dir).absolute())}
     manifest = manifest_for(model, source)
     if is_expert_parallel(model):
         return save_distributed(model, out_dir, tensors, manifest, force)
@@ -118,18 +122,19 @@ def load(
     path=out_dir)``, which reads the weights itself.
     """
     manifest = read_manifest(out_dir)
+    source = found_source(manifest.get("source"), Path(out_dir))
     given, model = model, None if model is None else _unwrap(model)
     if model is not None and is_expert_parallel(model):  # this rank's slices only
         _load_into_expert_parallel(model, out_dir)
+        set_model_source(model, source)
         return given
     if model is None:
-        source = manifest.get("source") or {}
-        if not source.get("file"):
+        if not (manifest.get("source") or {}).get("file"):
             raise ArtifactError(f"{out_dir} records no model file (it was saved from Python): pass the dense model, moefx.load(dir, model=...)")
-        if not Path(source["file"]).is_file():
+        if source is None:
             raise ArtifactError(
-                f"{out_dir} was converted from {source['file']}, which is not there any more: put the file back, or "
-                "pass the dense model, moefx.load(dir, model=...)"
+                f"{out_dir} was converted from {manifest['source']['file']}, which is not there any more: put the file "
+                "back, or pass the dense model, moefx.load(dir, model=...)"
             )
         built = load_model_file(source["file"], source.get("entry"))
         model = given = built.model
@@ -145,6 +150,7 @@ def load(
     if _tensor_shapes(model) != shapes:  # not converted yet (a model that is, is only filled in)
         _reapply(model, recorded, example_inputs, example_kwargs)
         _check_fits(model, shapes, out_dir)
+    set_model_source(model, source)
     if not weights:
         return given
     tensors = {}
@@ -153,6 +159,20 @@ def load(
             tensors.update((name, f.get_tensor(name)) for name in f.keys())
     assign_tensors(model, tensors)
     return given
+
+
+def found_source(source: dict | None, out_dir: Path) -> dict | None:
+    """The recorded model file where it is now: at its path, else at the same place relative to
+    the output (the two moved together); None when neither is there."""
+    if not source or not source.get("file"):
+        return None
+    candidates = [Path(source["file"])]
+    if source.get("file_from_output"):
+        candidates.append(out_dir.absolute() / source["file_from_output"])
+    found = next((path for path in candidates if path.is_file()), None)
+    if found is None:
+        return None
+    return {key: value for key, value in source.items() if key != "file_from_output"} | {"file": str(found.resolve())}
 
 
 def _to_meta_keeping_ties(model: nn.Module) -> None:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 _ATTRIBUTE = "_moefx_conversions"
+_SOURCE = "_moefx_source"  # the model file a loaded model was built from, for the next save
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,15 @@ def add_conversion(model: nn.Module, conversion: Conversion) -> None:
 
 def set_conversions(model: nn.Module, recorded: tuple[Conversion, ...]) -> None:
     object.__setattr__(model, _ATTRIBUTE, tuple(recorded))
+
+
+def model_source(model: nn.Module) -> dict | None:
+    """``{"file", "entry", "dtype"}`` of the model file ``model`` was loaded from, if any."""
+    return getattr(model, _SOURCE, None)
+
+
+def set_model_source(model: nn.Module, source: dict | None) -> None:
+    object.__setattr__(model, _SOURCE, source)
 
 
 class UnrecordableInput(TypeError):

@@ -138,19 +138,40 @@ def test_saving_meta_weights_is_refused_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_loading_after_the_model_file_moved_names_both_fixes(tmp_path):
-    (tmp_path / "model.py").write_text(
+def _converted_from_a_model_file(project):
+    """A model file in ``project`` and its conversion saved to ``project/out``, as moefx convert does."""
+    project.mkdir()
+    (project / "model.py").write_text(
         "import torch\nfrom torch import nn\n\n"
         "def build_model():\n    return nn.Sequential(nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8)))\n\n"
         "def example_inputs():\n    return (torch.randn(2, 8),)\n"
     )
-    built = load_model_file(tmp_path / "model.py")
+    built = load_model_file(project / "model.py")
     moefx.moefy(built.model, num_experts=2, example_inputs=built.example_args)
-    moefx.save(built.model, tmp_path / "out", source={"file": str(built.path), "entry": built.entry})
-    assert isinstance(moefx.load(tmp_path / "out"), nn.Sequential)  # the control: the file is there
-    (tmp_path / "model.py").rename(tmp_path / "moved.py")
+    moefx.save(built.model, project / "out", source={"file": str(built.path), "entry": built.entry})
+    return built.model
+
+
+def test_a_loaded_model_saved_again_keeps_its_model_file(tmp_path):
+    converted = _converted_from_a_model_file(tmp_path / "project")
+    moefx.save(moefx.load(tmp_path / "project" / "out"), tmp_path / "resaved")  # e.g. after fine-tuning
+    again = moefx.load(tmp_path / "resaved")
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), converted.state_dict().values()))
+
+
+def test_a_project_moved_whole_still_loads(tmp_path):
+    converted = _converted_from_a_model_file(tmp_path / "project")
+    (tmp_path / "project").rename(tmp_path / "moved")  # model file and output together
+    loaded = moefx.load(tmp_path / "moved" / "out")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), converted.state_dict().values()))
+
+
+def test_loading_after_the_model_file_moved_names_both_fixes(tmp_path):
+    _converted_from_a_model_file(tmp_path / "project")
+    assert isinstance(moefx.load(tmp_path / "project" / "out"), nn.Sequential)  # the control: the file is there
+    (tmp_path / "project" / "model.py").rename(tmp_path / "project" / "moved.py")
     with pytest.raises(ArtifactError, match=r"model.py, which is not there any more: put the file back.*model=\.\.\."):
-        moefx.load(tmp_path / "out")
+        moefx.load(tmp_path / "project" / "out")
 
 
 def test_saving_a_model_that_was_never_converted_is_refused(tmp_path):
