@@ -458,6 +458,9 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} {value} must be >= 1 (leave it out for S1's value)")
+    custom = chosen_shapes(args)[0] if args.top_k is not None or args.experts is not None else None
+    if custom is not None and custom.top_k > custom.experts:
+        p.error(f"--top-k {custom.top_k} must be at most the number of experts ({custom.experts})")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
     return args

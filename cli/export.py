@@ -38,6 +38,8 @@ def run_export(args: argparse.Namespace) -> int:
     target = Path(args.output) if args.output else out_dir / DEFAULT_NAMES[args.format]
     if target.exists() and not args.force:
         raise CLIError(f"{target} exists: pass --force to replace it, or -o another file", code=2)
+    if not target.parent.is_dir():
+        raise CLIError(f"-o {target}: the directory {target.parent} does not exist; create it first", code=2)
     if args.format == "aoti" and target.suffix != ".pt2":
         raise CLIError(f"-o {target}: an AOTInductor package must be named *.pt2", code=2)
     started = time.perf_counter()

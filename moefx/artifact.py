@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -98,7 +99,10 @@ def read_manifest(out_dir: str | Path) -> dict:
             f"{out_dir} is not a moefx output: it needs {MANIFEST} and {WEIGHTS} (or {INDEX}), made by moefx convert "
             "or moefx.save"
         )
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{path} is not valid JSON ({err}): write the output again (moefx convert / moefx.save)") from err
     if manifest.get("format") != "moefx" or manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(
             f"{path} is format {manifest.get('format')!r} version {manifest.get('format_version')!r}; this moefx "
@@ -144,7 +148,7 @@ def load(
     files = weight_files(Path(out_dir))
     shapes = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
+        with _opened(file) as f:
             shapes.update((name, tuple(f.get_slice(name).get_shape())) for name in f.keys())
     recorded = tuple(Conversion.from_dict(c) for c in manifest["conversions"])
     if _tensor_shapes(model) != shapes:  # not converted yet (a model that is, is only filled in)
@@ -155,10 +159,21 @@ def load(
         return given
     tensors = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
+        with _opened(file) as f:
             tensors.update((name, f.get_tensor(name)) for name in f.keys())
     assign_tensors(model, tensors)
     return given
+
+
+@contextmanager
+def _opened(file: Path):
+    """A weights file, open; one that safetensors cannot read is an ArtifactError naming it."""
+    try:
+        handle = safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise ArtifactError(f"{file} cannot be read ({err}): write the output again (moefx convert / moefx.save)") from err
+    with handle as f:
+        yield f
 
 
 def found_source(source: dict | None, out_dir: Path) -> dict | None:

@@ -52,6 +52,7 @@ def test_relative_error_of_a_nan_is_infinite():
 @pytest.mark.parametrize("argv, message", [
     (["--tokens", "0"], "--tokens 0 must be >= 1"),
     (["--top-k", "-2"], "--top-k -2 must be >= 1"),
+    (["--top-k", "9", "--experts", "4"], "--top-k 9 must be at most the number of experts (4)"),
 ])
 def test_bad_custom_shapes_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -75,6 +75,7 @@ def test_aoti_package_runs_in_a_fresh_process(converted, tmp_path):
         (["export", "nowhere"], 2, "nowhere is not a directory: pass the output of moefx convert"),
         (["export", "out", "--format", "onnx"], 2, "--format 'onnx' is unknown: choose one of pt2, aoti, tensorrt"),
         (["export", "out", "--format", "aoti", "-o", "x.so"], 2, "an AOTInductor package must be named *.pt2"),
+        (["export", "out", "-o", "no/dir/x.pt2"], 2, "the directory no/dir does not exist; create it first"),
         pytest.param(["export", "out", "--device", "cuda"], 2, "sees no CUDA GPU; use --device cpu",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is there to export for")),
     ],

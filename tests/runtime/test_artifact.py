@@ -124,8 +124,16 @@ def test_directories_that_are_not_outputs_are_refused(tmp_path):
     with pytest.raises(ArtifactError, match="records no model file"):
         moefx.load(tmp_path / "out")
     manifest = tmp_path / "out" / "moefx.json"
-    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format_version": 99}))
+    text = manifest.read_text()
+    manifest.write_text(json.dumps({**json.loads(text), "format_version": 99}))
     with pytest.raises(ArtifactError, match="version 99"):
+        moefx.load(tmp_path / "out", _mlp_model())
+    manifest.write_text("{not json")
+    with pytest.raises(ArtifactError, match=r"moefx.json is not valid JSON .*write the output again"):
+        moefx.load(tmp_path / "out", _mlp_model())
+    manifest.write_text(text)
+    (tmp_path / "out" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ArtifactError, match=r"model.safetensors cannot be read .*write the output again"):
         moefx.load(tmp_path / "out", _mlp_model())
 
 
