@@ -13,7 +13,9 @@ saved tensors in place. Weights are read only through safetensors, never pickle.
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +35,7 @@ from moefx.record import Conversion, conversions, inputs_from_spec, model_source
 from moefx.weight_files import INDEX, WEIGHTS, weight_files
 
 FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 class ArtifactError(RuntimeError):
@@ -128,6 +131,7 @@ def load(
     manifest = read_manifest(out_dir)
     source = found_source(manifest.get("source"), Path(out_dir))
     given, model = model, None if model is None else _unwrap(model)
+    callers = model is not None  # a model the caller passed must be left as it was if it does not fit
     if model is not None and is_expert_parallel(model):  # this rank's slices only
         _load_into_expert_parallel(model, out_dir)
         set_model_source(model, source)
@@ -152,6 +156,11 @@ def load(
             shapes.update((name, tuple(f.get_slice(name).get_shape())) for name in f.keys())
     recorded = tuple(Conversion.from_dict(c) for c in manifest["conversions"])
     if _tensor_shapes(model) != shapes:  # not converted yet (a model that is, is only filled in)
+        trial = _meta_copy(model) if callers else None  # tried on a copy first: no memory, no change
+        if trial is not None:
+            _reapply(trial, recorded, example_inputs, example_kwargs)
+            _check_fits(trial, shapes, out_dir)
+            del trial
         _reapply(model, recorded, example_inputs, example_kwargs)
         _check_fits(model, shapes, out_dir)
     set_model_source(model, source)
@@ -188,6 +197,23 @@ def found_source(source: dict | None, out_dir: Path) -> dict | None:
     if found is None:
         return None
     return {key: value for key, value in source.items() if key != "file_from_output"} | {"file": str(found.resolve())}
+
+
+def _meta_copy(model: nn.Module) -> nn.Module | None:
+    """A deep copy of ``model`` whose parameters and buffers are on meta (tied ones still tied);
+    None for a model that cannot be copied (it holds a lock, say)."""
+    memo = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for old in table.values():
+                if old is not None and id(old) not in memo:
+                    meta = torch.empty_like(old, device="meta")
+                    memo[id(old)] = nn.Parameter(meta, old.requires_grad) if isinstance(old, nn.Parameter) else meta
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception:  # noqa: BLE001  (then the model itself is converted, as before this check)
+        log.debug("cannot copy %s to check the fit first", type(model).__name__, exc_info=True)
+        return None
 
 
 def _to_meta_keeping_ties(model: nn.Module) -> None:

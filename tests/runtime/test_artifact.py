@@ -115,6 +115,18 @@ def test_loading_into_another_architecture_is_refused(tmp_path):
         moefx.load(tmp_path / "out", other)
 
 
+def test_a_model_that_does_not_fit_is_left_as_it_was(tmp_path):
+    model = _mlp_model()
+    moefx.moefy(model, num_experts=2, example_inputs=(torch.randn(2, 8),))
+    moefx.save(model, tmp_path / "out")
+    bigger = nn.Sequential(*(nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8)) for _ in range(2)))
+    before = {name: t.clone() for name, t in bigger.state_dict().items()}
+    with pytest.raises(ArtifactError, match="model tensors not saved"):
+        moefx.load(tmp_path / "out", bigger)
+    assert list(moefx.moe_layers(bigger)) == [] and bigger.state_dict().keys() == before.keys()
+    assert all(torch.equal(t, before[name]) for name, t in bigger.state_dict().items())
+
+
 def test_directories_that_are_not_outputs_are_refused(tmp_path):
     with pytest.raises(ArtifactError, match="is not a moefx output"):
         moefx.load(tmp_path)
