@@ -9,6 +9,7 @@ safetensors files with an index, so the directory holds whole tensors:
       moefx.json                         as for a single-process save
       model-00001-of-0000N.safetensors   full tensors, safetensors only (no pickle anywhere)
       model.safetensors.index.json       tensor name → file
+      model-integer-tensors.safetensors  integer and bool tensors (position ids), written by rank 0
 
 ``moefx.load`` into an expert-parallel model reads only this rank's slices, whatever EP size the
 checkpoint was saved at (DCP reshards); a single process reads the files whole. The directory is
@@ -25,14 +26,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moefx.atomic import atomic_directory, refuse_existing
 from moefx.expert_parallel import AllToAllDispatcher
 from moefx.model import moe_layers, named_tensors
+from moefx.weight_files import INDEX
 
 MANIFEST = "moefx.json"
+PLAIN_WEIGHTS = "model-integer-tensors.safetensors"  # the tensors DCP cannot write (see _split)
 
 
 class CheckpointError(RuntimeError):
@@ -43,7 +48,7 @@ def save_distributed(model: nn.Module, out_dir: str | Path, tensors: dict[str, T
     """Every rank calls this, with ``out_dir`` on a filesystem they all see; returns when the
     checkpoint is complete on disk, or raises on every rank."""
     target = Path(out_dir).absolute()
-    state = _as_global(model, tensors)
+    state, plain = _split(_as_global(model, tensors))
     if dist.get_rank() != 0:
         tmp = _receive()
         try:
@@ -62,6 +67,8 @@ def save_distributed(model: nn.Module, out_dir: str | Path, tensors: dict[str, T
             writer = dcp.HuggingFaceStorageWriter(str(tmp), save_distributed=True, enable_consolidation=True)
             dcp.save(state, storage_writer=writer)
             shutil.rmtree(tmp / "sharded", ignore_errors=True)  # consolidated: the per-rank files are copies
+            if plain:
+                _write_plain(tmp, plain)
             write_manifest(tmp, manifest)
     except KeyboardInterrupt:
         _send(CheckpointError(f"the checkpoint {target} was interrupted on rank 0; nothing written"))
@@ -80,7 +87,28 @@ def write_manifest(directory: Path, manifest: dict) -> None:
 
 def load_distributed(model: nn.Module, out_dir: str | Path, tensors: dict[str, Tensor]) -> None:
     """Fill ``tensors`` (the model's own, by name) in place with this rank's part of the checkpoint."""
-    dcp.load(_as_global(model, tensors), storage_reader=dcp.HuggingFaceStorageReader(str(out_dir)))
+    state, plain = _split(_as_global(model, tensors))
+    dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(out_dir)))
+    if plain:
+        weight_map = json.loads((Path(out_dir) / INDEX).read_text())["weight_map"]
+        for name, tensor in plain.items():
+            with safe_open(Path(out_dir) / weight_map[name], framework="pt") as f:
+                tensor.copy_(f.get_tensor(name))
+
+
+def _split(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """DCP's tensors, and the integer and bool ones (position ids, say), which its Hugging Face
+    writer cannot consolidate (it asks torch.finfo for every dtype). Those are never expert shards:
+    rank 0 writes them to a file of their own."""
+    plain = {n: t for n, t in state.items() if not isinstance(t, DTensor) and not (t.is_floating_point() or t.is_complex())}
+    return {n: t for n, t in state.items() if n not in plain}, plain
+
+
+def _write_plain(directory: Path, plain: dict[str, Tensor]) -> None:
+    save_file({n: t.contiguous() for n, t in plain.items()}, directory / PLAIN_WEIGHTS, metadata={"format": "pt"})
+    index = json.loads((directory / INDEX).read_text())
+    index["weight_map"].update(dict.fromkeys(plain, PLAIN_WEIGHTS))
+    (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def is_expert_parallel(model: nn.Module) -> bool:

@@ -149,10 +149,21 @@ def export_shows_the_exchange() -> None:
     torch.testing.assert_close(program.module()(x), layer(x))
 
 
+class _IntegerShift(torch.nn.Module):
+    """Adds an integer buffer, as models hold position ids: checkpoints must carry those too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.randint(-3, 4, (D,)))
+
+    def forward(self, x):
+        return x + self.shift
+
+
 def _dense_model(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     ffn = torch.nn.Sequential(torch.nn.Linear(D, H), torch.nn.GELU(), torch.nn.Linear(H, D))
-    return torch.nn.Sequential(torch.nn.Linear(D, D), ffn, torch.nn.LayerNorm(D))
+    return torch.nn.Sequential(torch.nn.Linear(D, D), ffn, torch.nn.LayerNorm(D), _IntegerShift())
 
 
 FIXED_X = torch.randn(20, D, generator=torch.Generator().manual_seed(7))
