@@ -184,4 +184,134 @@ def test_the_module_keeps_its_class_attributes_and_the_arguments_it_was_called_w
     assert isinstance(copied.blocks[0], OptionalMask) and copied.blocks[0].layer_index == 7
     with torch.no_grad():
         torch.testing.assert_close(copied(x), dense, rtol=1e-5, atol=1e-6)
-    assert pickle.dumps(model)
+    unpickled = pickle.loads(pickle.dumps(model))  # in memory: the module's own pickling, not a weights file
+    assert isinstance(unpickled.blocks[0], OptionalMask) and unpickled.blocks[0].probe(x).shape == (2, 5, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(unpickled(x), dense, rtol=1e-5, atol=1e-6)
+
+
+class Sized(nn.Module):
+    """A vision block that takes its feature map's size as integers, and a scale read from self."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 48), nn.Linear(48, 16)
+        self.scale = 0.5
+
+    def forward(self, x, height, width):
+        x = x + x.reshape(x.shape[0], height, width, 16).flip(1).reshape(x.shape)
+        return x + self.scale * self.down(F.gelu(self.up(x)))
+
+
+class SizedStack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = Sized()
+
+    def forward(self, image):
+        n, h, w, d = image.shape
+        return self.block(image.reshape(n, h * w, d), h, w)
+
+
+def test_integer_arguments_stay_arguments_and_plain_attributes_become_read_only():
+    torch.manual_seed(0)
+    model = SizedStack().eval()
+    moefx.moefy(model, num_experts=2, top_k=2, example_inputs=(torch.randn(2, 4, 4, 16),))
+    assert [path for path, _ in moefx.moe_layers(model)] == ["block.up_moe"]
+    dense = SizedStack().eval()
+    dense.load_state_dict({"block.up.weight": model.block.up_moe.experts.in_proj[0], "block.up.bias":
+                           model.block.up_moe.experts.in_bias[0], "block.down.weight": model.block.up_moe.experts.out_proj[0],
+                           "block.down.bias": model.block.up_moe.experts.out_bias[0]})
+    other_size = torch.randn(2, 6, 8, 16)  # not the example's 4 x 4: height and width were not fixed
+    with torch.no_grad():
+        torch.testing.assert_close(model(other_size), dense(other_size), rtol=1e-5, atol=1e-5)
+    assert model.block.scale == 0.5
+    with pytest.raises(AttributeError, match="Sized.scale is fixed at 0.5: .*set scale before moefx.moefy"):
+        model.block.scale = 1.0  # the graph holds 0.5: a silent no-op otherwise
+
+
+class Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = FlagBlock()
+
+    def forward(self, x):
+        return self.block(self.block(x, True), False)
+
+
+class FlagBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 48), nn.Linear(48, 16)
+
+    def forward(self, x, double):
+        if double:
+            x = 2 * x
+        return x + self.down(F.gelu(self.up(x)))
+
+
+class Probed(OptionalMask):
+    def features(self, x):
+        return self.up(x)  # would lose `up` to the experts
+
+
+class InPlaceResidual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 48), nn.Linear(48, 16)
+
+    def forward(self, x):
+        x += self.down(F.gelu(self.up(x)))  # fx traces it out of place: the same output
+        return x
+
+
+@pytest.mark.parametrize("model,converted,reason", [
+    (Twice(), [], "is called with different constant arguments"),
+    (Stack(Probed(), CastInBetween()), ["blocks.1.up_moe"], "Probed uses self.up outside its forward"),
+    (Stack(InPlaceResidual(), CastInBetween()), ["blocks.0.up_moe", "blocks.1.up_moe"], None),
+])
+def test_what_the_trace_cannot_keep_is_left_dense(model, converted, reason, caplog):
+    torch.manual_seed(0)
+    model.eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        dense = model(x.clone())
+    try:
+        moefx.moefy(model, num_experts=2, top_k=2, example_inputs=(x,))
+    except moefx.NoFFNFound as err:
+        assert not converted and reason in str(err)
+    assert [path for path, _ in moefx.moe_layers(model)] == converted
+    assert reason is None or reason in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(model(x.clone()), dense, rtol=1e-5, atol=1e-6)
+
+
+def test_on_the_meta_device_the_trace_is_checked_on_a_random_copy(caplog):
+    with torch.device("meta"):
+        model = WithFeatures()
+    moefx.moefy(model, num_experts=2, top_k=2, example_inputs=(torch.randn(2, 5, 16), torch.randn(2, 5, 2)))
+    assert [path for path, _ in moefx.moe_layers(model)] == ["plain.up_moe"]
+    assert "trace of block (OptionalFeatures) alone does not reproduce its forward" in caplog.text
+
+
+class Hooked(OptionalMask):
+    """Holds a bound method of itself (a hook): a copy's must be bound to the copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0
+        self.register_forward_hook(self.count)
+
+    def count(self, module, args, output):
+        self.seen += 1
+
+
+def test_a_copy_of_a_rewritten_module_that_refers_to_itself_is_one_object():
+    model = Stack(Hooked()).eval()
+    moefx.moefy(model, num_experts=2, top_k=2, example_inputs=(torch.randn(2, 5, 16),))
+    copied = copy.deepcopy(model)
+    hook = next(iter(copied.blocks[0]._forward_hooks.values()))
+    assert hook.__self__ is copied.blocks[0]
+    seen = copied.blocks[0].seen
+    copied(torch.randn(2, 5, 16))
+    assert copied.blocks[0].seen == seen + 1
