@@ -12,7 +12,6 @@ from pathlib import Path
 from moefx.artifact import ArtifactError, load
 from moefx.cli.checks import CLIError, check_conversion_options, options_from_args
 from moefx.cli.layer_graph import layer_graph
-from moefx.cli.main import given_conversion_options
 from moefx.cli.views import candidates, graph_table, make_console, module_tree
 from moefx.model import moe_layers
 from moefx.model_file import ModelFileError, load_model_file
@@ -25,7 +24,7 @@ from moefx.record import Conversion, add_conversion, conversions
 def run_inspect(args: argparse.Namespace) -> int:
     target = Path(args.target)
     if target.is_dir():
-        given = given_conversion_options(args)
+        given = args.typed_conversion_options
         if given:
             raise CLIError(
                 f"{' '.join(given)} cannot change {target}: an output directory is shown as it was converted. "

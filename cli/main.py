@@ -101,12 +101,14 @@ def _conversion_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--entry", metavar="NAME", help="the builder in the model file (default: build_model, then model)")
 
 
-def given_conversion_options(args: argparse.Namespace) -> list[str]:
-    """The conversion options set on the command line to other than their defaults, as flags."""
-    defaults = _Parser()
-    _conversion_options(defaults)
-    return ["--" + name.replace("_", "-") for name, value in vars(defaults.parse_args([])).items()
-            if getattr(args, name) != value]
+def typed_conversion_options(argv: list[str]) -> list[str]:
+    """The conversion options typed in ``argv`` (a default typed out counts), as flags."""
+    typed = _Parser(add_help=False)
+    _conversion_options(typed)
+    for action in typed._actions:
+        action.default = argparse.SUPPRESS
+    known, _ = typed.parse_known_args(argv)
+    return ["--" + name.replace("_", "-") for name in vars(known)]
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -152,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return bench_main(argv[1:], prog="moefx bench")
         args = build_parser().parse_args(argv)
+        args.typed_conversion_options = typed_conversion_options(argv[1:])
         if args.command is None:
             raise CLIError("no command given: use moefx convert, moefx inspect, moefx export or moefx bench (see moefx --help)", code=2)
         return _run(args)

@@ -104,8 +104,10 @@ def read_manifest(out_dir: str | Path) -> dict:
         )
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ArtifactError(f"{path} is not valid JSON ({err}): write the output again (moefx convert / moefx.save)") from err
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path} holds a JSON {type(manifest).__name__}, not moefx's record: write the output again")
     if manifest.get("format") != "moefx" or manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(
             f"{path} is format {manifest.get('format')!r} version {manifest.get('format_version')!r}; this moefx "

@@ -34,7 +34,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from moefx.atomic import atomic_directory, refuse_existing
 from moefx.expert_parallel import AllToAllDispatcher
 from moefx.model import moe_layers, named_tensors
-from moefx.weight_files import INDEX
+from moefx.weight_files import INDEX, tensor_files
 
 MANIFEST = "moefx.json"
 PLAIN_WEIGHTS = "model-integer-tensors.safetensors"  # the tensors DCP cannot write (see _split)
@@ -88,12 +88,14 @@ def write_manifest(directory: Path, manifest: dict) -> None:
 def load_distributed(model: nn.Module, out_dir: str | Path, tensors: dict[str, Tensor]) -> None:
     """Fill ``tensors`` (the model's own, by name) in place with this rank's part of the checkpoint."""
     state, plain = _split(_as_global(model, tensors))
+    files = tensor_files(Path(out_dir))
+    missing = sorted(plain.keys() - files.keys())
+    if missing:  # checked before anything is filled in
+        raise CheckpointError(f"{out_dir} lacks the model's tensors {missing[:5]}: pass the model it was saved from")
     dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(out_dir)))
-    if plain:
-        weight_map = json.loads((Path(out_dir) / INDEX).read_text())["weight_map"]
-        for name, tensor in plain.items():
-            with safe_open(Path(out_dir) / weight_map[name], framework="pt") as f:
-                tensor.copy_(f.get_tensor(name))
+    for name, tensor in plain.items():
+        with safe_open(files[name], framework="pt") as f:
+            tensor.copy_(f.get_tensor(name))
 
 
 def _split(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

@@ -14,3 +14,14 @@ def weight_files(out_dir: Path) -> list[Path]:
         return [out_dir / WEIGHTS]
     weight_map = json.loads((out_dir / INDEX).read_text())["weight_map"]
     return [out_dir / name for name in sorted(set(weight_map.values()))]
+
+
+def tensor_files(out_dir: Path) -> dict[str, Path]:
+    """Each saved tensor's file, by name, for either layout (keys of the single file are read)."""
+    if (out_dir / WEIGHTS).is_file():
+        from safetensors import safe_open
+
+        with safe_open(out_dir / WEIGHTS, framework="pt") as f:
+            return dict.fromkeys(f.keys(), out_dir / WEIGHTS)
+    weight_map = json.loads((out_dir / INDEX).read_text())["weight_map"]
+    return {name: out_dir / file for name, file in weight_map.items()}

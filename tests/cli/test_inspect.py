@@ -60,7 +60,7 @@ def test_terminal_view_of_a_converted_output(tmp_path):
     assert [table.index(next(line for line in table if op in line)) for op in PLAIN_MOE_OPS] == sorted(
         table.index(next(line for line in table if op in line)) for op in PLAIN_MOE_OPS
     ), "the ops are not listed in execution order"
-    refused = run("inspect", "out", "--experts", "16", "--exclude", "*.0.*", cwd=tmp_path)
+    refused = run("inspect", "out", "--experts", "8", "--exclude", "*.0.*", cwd=tmp_path)  # 8: the default, typed
     assert refused.code == 2 and "--experts --exclude cannot change out" in refused.err, refused.err
 
 

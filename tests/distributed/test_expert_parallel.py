@@ -77,15 +77,20 @@ def test_checkpoint_saved_at_4_ranks_loads_at_2_and_at_1(tmp_path):
     assert out.count(f"checkpoint_save:{tmp_path} ok") == 4
     files = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
     assert "moefx.json" in files and all(f.endswith((".safetensors", ".json")) for f in files), files
-    specs = [f"checkpoint_load:{tmp_path}", f"checkpoint_dies:{tmp_path}", f"checkpoint_write_fails:{tmp_path}"]
-    out = torchrun(2, worker, *specs, timeout=180)
-    for spec in specs:
-        assert out.count(f"{spec} ok") == 2, out
-
     import torch
 
     import moefx
-    from tests.distributed.worker import FIXED_X, _dense_model
+    from tests.distributed.worker import FIXED_X, _dense_model, converted_model
+
+    single_process = converted_model(seed=5, ep_size=1)  # it has an integer buffer, as the others
+    moefx.save(single_process, tmp_path / "single")
+    with torch.no_grad():
+        torch.save(single_process(FIXED_X), tmp_path / "single_reference.pt")
+    specs = [f"checkpoint_load:{tmp_path}", f"checkpoint_load_single:{tmp_path}", f"checkpoint_dies:{tmp_path}",
+             f"checkpoint_write_fails:{tmp_path}"]
+    out = torchrun(2, worker, *specs, timeout=180)
+    for spec in specs:
+        assert out.count(f"{spec} ok") == 2, out
 
     single = moefx.moefy(_dense_model(seed=0), num_experts=4, top_k=2, example_inputs=(FIXED_X,))
     loaded = moefx.load(tmp_path / "checkpoint", _dense_model(seed=3))  # re-converted, then filled in

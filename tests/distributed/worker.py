@@ -196,6 +196,15 @@ def checkpoint_load(directory: str) -> None:
         _close("output after loading the checkpoint", model(FIXED_X), reference)
 
 
+def checkpoint_load_single(directory: str) -> None:
+    """Load a single-process output (one model.safetensors, no index) at EP = world size."""
+    model = converted_model(seed=1, ep_size=dist.get_world_size())
+    moefx.load(f"{directory}/single", model)
+    reference = torch.load(f"{directory}/single_reference.pt", weights_only=True)
+    with torch.no_grad():
+        _close("output after loading the single-process output", model(FIXED_X), reference)
+
+
 def checkpoint_dies(directory: str) -> None:
     """A save that fails after the shards are written (rank 0 cannot finish) raises on every rank
     and leaves the previous checkpoint as it was, with no temporary directory behind."""
@@ -268,6 +277,7 @@ def routing_bias() -> None:
 SCENARIOS = {"equivalence": equivalence, "errors": errors, "export": export_shows_the_exchange,
              "routing_bias": routing_bias,
              "checkpoint_save": checkpoint_save, "checkpoint_load": checkpoint_load,
+             "checkpoint_load_single": checkpoint_load_single,
              "checkpoint_dies": checkpoint_dies, "checkpoint_write_fails": checkpoint_write_fails}
 
 if __name__ == "__main__":

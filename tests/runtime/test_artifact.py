@@ -140,8 +140,12 @@ def test_directories_that_are_not_outputs_are_refused(tmp_path):
     manifest.write_text(json.dumps({**json.loads(text), "format_version": 99}))
     with pytest.raises(ArtifactError, match="version 99"):
         moefx.load(tmp_path / "out", _mlp_model())
-    manifest.write_text("{not json")
-    with pytest.raises(ArtifactError, match=r"moefx.json is not valid JSON .*write the output again"):
+    for broken in (b"{not json", b"\xff\xfe"):
+        manifest.write_bytes(broken)
+        with pytest.raises(ArtifactError, match=r"moefx.json is not valid JSON .*write the output again"):
+            moefx.load(tmp_path / "out", _mlp_model())
+    manifest.write_text("[]")
+    with pytest.raises(ArtifactError, match=r"holds a JSON list, not moefx's record"):
         moefx.load(tmp_path / "out", _mlp_model())
     manifest.write_text(text)
     (tmp_path / "out" / "model.safetensors").write_bytes(b"garbage")
@@ -175,15 +179,19 @@ def _converted_from_a_model_file(project):
 def test_a_loaded_model_saved_again_keeps_its_model_file(tmp_path):
     converted = _converted_from_a_model_file(tmp_path / "project")
     moefx.save(moefx.load(tmp_path / "project" / "out"), tmp_path / "resaved")  # e.g. after fine-tuning
-    again = moefx.load(tmp_path / "resaved")
-    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), converted.state_dict().values()))
+    _assert_same_tensors(moefx.load(tmp_path / "resaved"), converted)
 
 
 def test_a_project_moved_whole_still_loads(tmp_path):
     converted = _converted_from_a_model_file(tmp_path / "project")
     (tmp_path / "project").rename(tmp_path / "moved")  # model file and output together
-    loaded = moefx.load(tmp_path / "moved" / "out")
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), converted.state_dict().values()))
+    _assert_same_tensors(moefx.load(tmp_path / "moved" / "out"), converted)
+
+
+def _assert_same_tensors(got: nn.Module, want: nn.Module) -> None:
+    got, want = got.state_dict(), want.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[name], want[name]) for name in want)
 
 
 def test_loading_after_the_model_file_moved_names_both_fixes(tmp_path):
