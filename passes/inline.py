@@ -207,9 +207,9 @@ def _read_only(name: str) -> property:
 
 def _detached(graph: fx.Graph) -> fx.Graph:
     """A copy of ``graph`` that no GraphModule owns (pickling the graph would pickle its owner)."""
-    copy = fx.Graph()
-    copy.output(copy.graph_copy(graph, {}))
-    return copy
+    detached = fx.Graph()
+    detached.output(detached.graph_copy(graph, {}))
+    return detached
 
 
 def _new_inline(base: type, graph: fx.Graph, frozen: frozenset[str]) -> nn.Module:
