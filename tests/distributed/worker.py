@@ -187,22 +187,18 @@ def checkpoint_save(directory: str) -> None:
         torch.save(reference, f"{directory}/reference.pt")
 
 
-def checkpoint_load(directory: str) -> None:
+def checkpoint_load(directory: str, saved: str = "checkpoint", reference: str = "reference.pt") -> None:
     """Load at EP = world size, into a model with other weights: the saved outputs come back."""
     model = converted_model(seed=1, ep_size=dist.get_world_size())
-    moefx.load(f"{directory}/checkpoint", model)
-    reference = torch.load(f"{directory}/reference.pt", weights_only=True)
+    moefx.load(f"{directory}/{saved}", model)
+    want = torch.load(f"{directory}/{reference}", weights_only=True)
     with torch.no_grad():
-        _close("output after loading the checkpoint", model(FIXED_X), reference)
+        _close(f"output after loading {saved}", model(FIXED_X), want)
 
 
 def checkpoint_load_single(directory: str) -> None:
-    """Load a single-process output (one model.safetensors, no index) at EP = world size."""
-    model = converted_model(seed=1, ep_size=dist.get_world_size())
-    moefx.load(f"{directory}/single", model)
-    reference = torch.load(f"{directory}/single_reference.pt", weights_only=True)
-    with torch.no_grad():
-        _close("output after loading the single-process output", model(FIXED_X), reference)
+    """A single-process output (one model.safetensors, no index), loaded the same way."""
+    checkpoint_load(directory, "single", "single_reference.pt")
 
 
 def checkpoint_dies(directory: str) -> None:
