@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch.utils._pytree import tree_map
 
-from moefx.artifact import ArtifactError, found_source, load, read_manifest
+from moefx.artifact import ArtifactError, load, read_manifest, recorded_model_file
 from moefx.cli.checks import CLIError
 from moefx.cli.convert import cast_inputs
 from moefx.cli.views import make_console, summary_table
@@ -70,11 +70,10 @@ def run_export(args: argparse.Namespace) -> int:
 def _rebuild(out_dir: Path, manifest: dict):
     """The converted model with its weights, and example inputs: the model file's, else zeros of the
     shapes recorded at conversion."""
-    if not (manifest.get("source") or {}).get("file"):
-        raise CLIError(f"{out_dir} records no model file (it was saved from Python): use moefx.export(model, path, example_inputs=...)")
-    source = found_source(manifest["source"], out_dir)
-    if source is None:
-        raise CLIError(f"{out_dir} was converted from {manifest['source']['file']}, which is not there any more: put it back")
+    try:
+        source = recorded_model_file(manifest, out_dir, otherwise="use moefx.export(model, path, example_inputs=...)")
+    except ArtifactError as err:
+        raise CLIError(str(err)) from err
     try:
         built = load_model_file(source["file"], source.get("entry"))
         model = load(out_dir, built.model, example_inputs=built.example_args, example_kwargs=built.example_kwargs)

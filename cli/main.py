@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return bench_main(argv[1:], prog="moefx bench")
         args = build_parser().parse_args(argv)
-        args.typed_conversion_options = typed_conversion_options(argv[1:])
+        if args.command == "inspect":  # an output directory takes none: they are refused by name
+            args.typed_conversion_options = typed_conversion_options(argv[1:])
         if args.command is None:
             raise CLIError("no command given: use moefx convert, moefx inspect, moefx export or moefx bench (see moefx --help)", code=2)
         return _run(args)

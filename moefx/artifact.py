@@ -139,13 +139,7 @@ def load(
         set_model_source(model, source)
         return given
     if model is None:
-        if not (manifest.get("source") or {}).get("file"):
-            raise ArtifactError(f"{out_dir} records no model file (it was saved from Python): pass the dense model, moefx.load(dir, model=...)")
-        if source is None:
-            raise ArtifactError(
-                f"{out_dir} was converted from {manifest['source']['file']}, which is not there any more: put the file "
-                "back, or pass the dense model, moefx.load(dir, model=...)"
-            )
+        source = recorded_model_file(manifest, Path(out_dir), otherwise="pass the dense model, moefx.load(dir, model=...)")
         built = load_model_file(source["file"], source.get("entry"))
         model = given = built.model
         _to_meta_keeping_ties(model)  # ours to discard: every tensor comes from the file, no second copy meanwhile
@@ -187,6 +181,19 @@ def _opened(file: Path):
         yield f
 
 
+def recorded_model_file(manifest: dict, out_dir: Path, *, otherwise: str) -> dict:
+    """The output's model file (``found_source``), or an ArtifactError that says why there is none
+    and ends with the ``otherwise`` fix."""
+    recorded = (manifest.get("source") or {}).get("file")
+    if not recorded:
+        raise ArtifactError(f"{out_dir} records no model file (it was saved from Python): {otherwise}")
+    source = found_source(manifest["source"], out_dir)
+    if source is None:
+        raise ArtifactError(f"{out_dir} was converted from {recorded}, which is not there any more: put the file back, "
+                            f"or {otherwise}")
+    return source
+
+
 def found_source(source: dict | None, out_dir: Path) -> dict | None:
     """The recorded model file where it is now: at its path, else at the same place relative to
     the output (the two moved together); None when neither is there."""
@@ -201,18 +208,25 @@ def found_source(source: dict | None, out_dir: Path) -> dict | None:
     return {key: value for key, value in source.items() if key != "file_from_output"} | {"file": str(found.resolve())}
 
 
-def _meta_copy(model: nn.Module) -> nn.Module | None:
-    """A deep copy of ``model`` whose parameters and buffers are on meta (tied ones still tied);
-    None for a model that cannot be copied (it holds a lock, say)."""
-    memo = {}
+def _meta_twins(model: nn.Module) -> dict[int, Tensor]:
+    """A meta tensor for each parameter and buffer, by the id of the original: one per tensor, so a
+    tensor several modules hold (tied embeddings) keeps one twin. The caller keeps the originals
+    alive while it uses the ids."""
+    twins = {}
     for module in model.modules():
         for table in (module._parameters, module._buffers):
             for old in table.values():
-                if old is not None and id(old) not in memo:
+                if old is not None and id(old) not in twins:
                     meta = torch.empty_like(old, device="meta")
-                    memo[id(old)] = nn.Parameter(meta, old.requires_grad) if isinstance(old, nn.Parameter) else meta
+                    twins[id(old)] = nn.Parameter(meta, old.requires_grad) if isinstance(old, nn.Parameter) else meta
+    return twins
+
+
+def _meta_copy(model: nn.Module) -> nn.Module | None:
+    """A deep copy of ``model`` whose parameters and buffers are on meta (tied ones still tied);
+    None for a model that cannot be copied (it holds a lock, say)."""
     try:
-        return copy.deepcopy(model, memo)
+        return copy.deepcopy(model, _meta_twins(model))
     except Exception:  # noqa: BLE001  (then the model itself is converted, as before this check)
         log.debug("cannot copy %s to check the fit first", type(model).__name__, exc_info=True)
         return None
@@ -222,17 +236,12 @@ def _to_meta_keeping_ties(model: nn.Module) -> None:
     """``model.to("meta")``, except that a tensor several modules hold (tied embeddings) stays one
     tensor: ``.to`` gives each holder a copy of its own, so the saved file, which has the tied
     tensor once, would then miss the others."""
-    new, old_ones = {}, []  # the old tensors stay referenced until the end, so no id is reused
+    twins = _meta_twins(model)  # built before any swap, while every original is alive
     for module in model.modules():
         for table in (module._parameters, module._buffers):
             for key, old in table.items():
-                if old is None:
-                    continue
-                if id(old) not in new:
-                    old_ones.append(old)
-                    meta = torch.empty_like(old, device="meta")
-                    new[id(old)] = nn.Parameter(meta, old.requires_grad) if isinstance(old, nn.Parameter) else meta
-                table[key] = new[id(old)]
+                if old is not None:
+                    table[key] = twins[id(old)]
 
 
 def _load_into_expert_parallel(model: nn.Module, out_dir) -> None:

@@ -84,7 +84,8 @@ class AllToAllDispatcher:
         tokens = x_TD.shape[0]
         bounds = torch.tensor([tokens, -tokens], device=x_TD.device)
         torch.distributed.all_reduce(bounds, torch.distributed.ReduceOp.MAX, group=self.mesh["ep"].get_group())
-        most, fewest = bounds[0].item(), -bounds[1].item()  # NOTE: device-to-host sync (eager mode only)
+        most, negative_fewest = bounds.tolist()  # NOTE: device-to-host sync (eager mode only)
+        fewest = -negative_fewest
         if most != fewest:
             raise ValueError(
                 f"capacity_factor with expert parallelism needs the same number of tokens on every rank of the "

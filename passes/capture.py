@@ -91,8 +91,8 @@ def capture(model: nn.Module, example_inputs: tuple | None = None, example_kwarg
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
-    to_meta_or_copy = (lambda t: t.to("meta")) if _on_meta(model) else torch.clone  # the caller's inputs stay as they are
-    args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, to_meta_or_copy, (args, kwargs))
+    if _on_meta(model):
+        args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
     was_training = model.training
     model.eval()
     try:
@@ -119,8 +119,7 @@ def _quiet_torch():
 def _check_the_model_runs(model: nn.Module, args: tuple, kwargs: dict) -> None:
     """After export failed: inputs the model itself rejects are the user's mistake, not a construct
     export cannot trace, and symbolic_trace (which ignores inputs) would hide it."""
-    to_meta_or_copy = (lambda t: t.to("meta")) if _on_meta(model) else torch.clone  # the caller's inputs stay as they are
-    args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, to_meta_or_copy, (args, kwargs))
+    args, kwargs = inputs_to_run(model, args, kwargs)
     was_training = model.training
     model.eval()
     try:
@@ -135,6 +134,13 @@ def _check_the_model_runs(model: nn.Module, args: tuple, kwargs: dict) -> None:
         ) from err
     finally:
         model.train(was_training)
+
+
+def inputs_to_run(model: nn.Module, args, kwargs):
+    """The example inputs to run ``model`` on: on meta for a meta model, else copies, so a forward
+    that updates its input in place leaves the caller's inputs as they were."""
+    to_meta_or_copy = (lambda t: t.to("meta")) if _on_meta(model) else torch.clone
+    return torch.utils._pytree.tree_map_only(torch.Tensor, to_meta_or_copy, (args, kwargs))
 
 
 def _output_tensors(output) -> tuple[torch.Tensor, ...]:

@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from moefx.layer import MoE
 from moefx.passes.canonicalize import canonicalize
-from moefx.passes.capture import _on_meta, _Tracer
+from moefx.passes.capture import _on_meta, _Tracer, inputs_to_run
 from moefx.passes.find_ffn import FFNMatch, find_regions
 from moefx.passes.ops import remove_dead_code
 from moefx.passes.plan import Plan
@@ -228,8 +228,7 @@ def _record_calls(model: nn.Module, paths: list[str], args, kwargs) -> dict[str,
     eval mode, without gradients; every mode is put back)."""
     if args is None and kwargs is None:
         return {}
-    # copies: a forward that updates its input in place must not change the caller's example inputs
-    args, kwargs = tree_map_only(torch.Tensor, (lambda t: t.to("meta")) if _on_meta(model) else torch.clone, (args, kwargs))
+    args, kwargs = inputs_to_run(model, args, kwargs)
     calls = {}
 
     def recorder(path: str):

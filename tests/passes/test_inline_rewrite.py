@@ -21,31 +21,27 @@ def _wrapped_gelu(h: torch.Tensor) -> torch.Tensor:
     return F.gelu(h)
 
 
-class CastInBetween(nn.Module):
-    """Casts between the projections, written as mixed-precision code does."""
+class Projections(nn.Module):
+    """The FFN's two projections; each block below writes its own forward around them."""
 
     def __init__(self) -> None:
         super().__init__()
         self.up, self.down = nn.Linear(16, 48), nn.Linear(48, 16)
+
+
+class CastInBetween(Projections):
+    """Casts between the projections, written as mixed-precision code does."""
 
     def forward(self, x):
         return x + self.down(F.gelu(self.up(x).float()).to(x.dtype))
 
 
-class TrainFlag(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.up, self.down = nn.Linear(16, 48), nn.Linear(48, 16)
-
+class TrainFlag(Projections):
     def forward(self, x):
         return x + self.down(F.dropout(F.gelu(self.up(x)), 0.1, self.training))
 
 
-class OpaqueToFx(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.up, self.down = nn.Linear(16, 48), nn.Linear(48, 16)
-
+class OpaqueToFx(Projections):
     def forward(self, x):
         return x + self.down(_wrapped_gelu(self.up(x)))
 
@@ -108,12 +104,12 @@ def test_when_no_ffn_can_be_rewritten_the_model_is_unchanged():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-class OptionalFeatures(nn.Module):
+class OptionalFeatures(Projections):
     """Adds positional features when given: fx sees a placeholder for `coords`, never a tensor."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.up, self.down, self.pos = nn.Linear(16, 48), nn.Linear(48, 16), nn.Linear(2, 16)
+        self.pos = nn.Linear(2, 16)
 
     def forward(self, x, coords=None):
         if isinstance(coords, torch.Tensor):
@@ -143,10 +139,9 @@ def test_a_trace_that_differs_from_the_forward_is_left_dense_with_the_reason(cap
         torch.testing.assert_close(model(*args), dense, rtol=1e-5, atol=1e-6)
 
 
-class OptionalMask(nn.Module):
+class OptionalMask(Projections):
     def __init__(self) -> None:
         super().__init__()
-        self.up, self.down = nn.Linear(16, 48), nn.Linear(48, 16)
         self.probe_head = nn.Linear(16, 3)  # used by another method only
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))  # not read by forward
         self.layer_index = 7
@@ -190,12 +185,11 @@ def test_the_module_keeps_its_class_attributes_and_the_arguments_it_was_called_w
         torch.testing.assert_close(unpickled(x), dense, rtol=1e-5, atol=1e-6)
 
 
-class Sized(nn.Module):
+class Sized(Projections):
     """A vision block that takes its feature map's size as integers, and a scale read from self."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.up, self.down = nn.Linear(16, 48), nn.Linear(48, 16)
         self.scale = 0.5
 
     def forward(self, x, height, width):
@@ -239,11 +233,7 @@ class Twice(nn.Module):
         return self.block(self.block(x, True), False)
 
 
-class FlagBlock(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.up, self.down = nn.Linear(16, 48), nn.Linear(48, 16)
-
+class FlagBlock(Projections):
     def forward(self, x, double):
         if double:
             x = 2 * x
@@ -255,11 +245,7 @@ class Probed(OptionalMask):
         return self.up(x)  # would lose `up` to the experts
 
 
-class InPlaceResidual(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.up, self.down = nn.Linear(16, 48), nn.Linear(48, 16)
-
+class InPlaceResidual(Projections):
     def forward(self, x):
         x += self.down(F.gelu(self.up(x)))  # fx traces it out of place: the same output
         return x
