@@ -9,23 +9,29 @@ gather_grouped_linear (permute + grouped_linear) and grouped_linear_combine (gro
 and swiglu, the gated SiLU between the two linears.
 """
 
-from moefx.kernels import (  # noqa: F401  (registers the ops)
-    all_to_all,
-    gather_grouped_linear,
-    grouped_linear,
-    grouped_linear_combine,
-    permute,
-    plan_dispatch,
-    route,
-    swiglu,
-    unpermute,
-)
-from moefx.kernels import cuda_kernels
+if __name__ != "moefx.kernels":  # imported as a bare `kernels` from the repository root: not ours (see that file)
+    import runpy as _runpy
+    from pathlib import Path as _Path
 
-# The ops a forward can contain, as ``torch.ops.moefx`` names (backward ops are not listed).
-FORWARD_OPS = (
-    "route", "permute", "plan_dispatch", "grouped_linear", "gather_grouped_linear", "grouped_linear_combine",
-    "unpermute", "all_to_all", "swiglu",
-)
+    _runpy.run_path(str(_Path(__file__).parents[1] / "moefx" / "toplevel_names.py"))["give_way"](__name__)
+else:
+    from moefx.kernels import (  # noqa: F401  (registers the ops)
+        all_to_all,
+        gather_grouped_linear,
+        grouped_linear,
+        grouped_linear_combine,
+        permute,
+        plan_dispatch,
+        route,
+        swiglu,
+        unpermute,
+    )
+    from moefx.kernels import cuda_kernels
 
-cuda_kernels.register()
+    # The ops a forward can contain, as ``torch.ops.moefx`` names (backward ops are not listed).
+    FORWARD_OPS = (
+        "route", "permute", "plan_dispatch", "grouped_linear", "gather_grouped_linear", "grouped_linear_combine",
+        "unpermute", "all_to_all", "swiglu",
+    )
+
+    cuda_kernels.register()

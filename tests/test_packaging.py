@@ -4,6 +4,8 @@ import shutil
 import subprocess
 import sys
 import zipfile
+
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,3 +29,41 @@ def test_wheel_maps_top_level_folders_under_moefx(tmp_path):
     assert "moefx/kernels/grouped_linear.py" in names
     (entry_points,) = [n for n in names if n.endswith("entry_points.txt")]
     assert "moefx = moefx.cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+# Run from the repository root, whose kernels/, passes/ and cli/ folders are on sys.path first.
+_FROM_ROOT = """
+import importlib.util, os, sys
+root = os.getcwd()
+import transformers  # since 5.25 it imports Hugging Face's `kernels` on import
+import kernels
+def ours(module, name):  # the repository's own folder (a .venv inside the root is not ours)
+    return os.path.dirname(os.path.abspath(module.__file__)) == os.path.join(root, name)
+assert not ours(kernels, "kernels"), kernels.__file__
+from kernels import CUDAProperties  # the name whose absence first broke transformers
+import moefx, moefx.kernels
+assert moefx.kernels.__name__ == "moefx.kernels" and "FORWARD_OPS" in dir(moefx.kernels)
+for name in ("passes", "cli"):
+    try:
+        module = __import__(name)
+    except ModuleNotFoundError as error:
+        assert "moefx." + name in str(error), error
+    else:  # another distribution owns the name: it must be that one, not our folder
+        assert not ours(module, name), module.__file__
+print("ok")
+"""
+
+
+def test_repository_folders_do_not_shadow_other_distributions_from_the_root():
+    pytest.importorskip("kernels", reason="Hugging Face's kernels is what transformers >= 5.25 installs")
+    done = subprocess.run([sys.executable, "-c", _FROM_ROOT], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_cli_runs_a_transformers_model_from_the_root():
+    done = subprocess.run(
+        [sys.executable, "-m", "moefx", "convert", "examples/tiny_llama.py", "--dry-run"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "LlamaMLP" in done.stdout or "mlp" in done.stdout, done.stdout
