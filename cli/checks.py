@@ -29,10 +29,13 @@ def check_conversion_options(args: argparse.Namespace) -> None:
 
 
 def check_model_file(path: str) -> Path:
-    file = Path(path)
-    if not file.is_file():
-        raise CLIError(f"model file {path} not found: pass the path of a Python file that defines build_model()", code=2)
-    return file
+    """``path`` as a model file, or a usage error that says which sources are accepted."""
+    from moefx.model_file import source_problem
+
+    problem = source_problem(path)
+    if problem is not None:
+        raise CLIError(problem, code=2)
+    return Path(path)
 
 
 def options_from_args(args: argparse.Namespace) -> dict:

@@ -1,22 +1,25 @@
 """``moefx export OUT_DIR --format {pt2,aoti,tensorrt}``: a moefx convert output, exported for
 deployment (``moefx.lowering``). The model file the output records is imported to rebuild the
-model and to give the example inputs, whose shapes the exported program is fixed to."""
+model and to give the example inputs (token inputs' batch and sequence sizes are dynamic; other
+shapes are the example's). It ends with the exact Python line that loads the result."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from moefx.artifact import ArtifactError, load, read_manifest, recorded_model_file
 from moefx.cli.checks import CLIError
 from moefx.cli.convert import cast_inputs
 from moefx.cli.views import make_console, summary_table
-from moefx.lowering import ExportError, export
+from moefx.lowering import ExportError, StaticShapeWarning, is_token_input, export
 from moefx.model_file import ModelFileError, load_model_file
 from moefx.passes.capture import CaptureError
 from moefx.record import Conversion, inputs_from_spec
@@ -39,6 +42,10 @@ def run_export(args: argparse.Namespace) -> int:
     if target.exists() and not args.force:
         raise CLIError(f"{target} exists: pass --force to replace it, or -o another file", code=2)
     if not target.parent.is_dir():
+        not_dir = next((p for p in (target.parent, *target.parent.parents) if p.exists() and not p.is_dir()), None)
+        if not_dir is not None:
+            raise CLIError(f"-o {target}: {not_dir} is a file, not a directory; pass -o a path inside a directory",
+                           code=2)
         raise CLIError(f"-o {target}: the directory {target.parent} does not exist; create it first", code=2)
     if args.format == "aoti" and target.suffix != ".pt2":
         raise CLIError(f"-o {target}: an AOTInductor package must be named *.pt2", code=2)
@@ -47,24 +54,46 @@ def run_export(args: argparse.Namespace) -> int:
     model.to(device)
     inputs, kwargs = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, (inputs, kwargs))
     try:
-        export(model, target, example_inputs=inputs, example_kwargs=kwargs, format=args.format)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", StaticShapeWarning)
+            export(model, target, example_inputs=inputs, example_kwargs=kwargs, format=args.format)
     except ExportError as err:
         raise CLIError(str(err)) from err
+    static = [str(w.message) for w in caught if issubclass(w.category, StaticShapeWarning)]
+    for w in caught:  # others (torch's own) shown as they would have been
+        if not issubclass(w.category, StaticShapeWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    for message in static:
+        print(f"moefx: warning: {message}", file=sys.stderr)
     seconds = time.perf_counter() - started
+    load_line = load_instruction(target, args.format)
     if args.json:
         print(json.dumps({"output": str(target.absolute()), "format": args.format, "bytes": target.stat().st_size,
-                          "seconds": round(seconds, 2)}, indent=2))
+                          "seconds": round(seconds, 2), "load": load_line, "warnings": static}, indent=2))
         return 0
+    shapes = ", ".join(str(tuple(t.shape)) for t in tree_leaves((inputs, kwargs)) if isinstance(t, torch.Tensor))
+    dynamic = args.format != "tensorrt" and any(is_token_input(t) for t in tree_leaves((inputs, kwargs)))
     rows = [
         ("from", str(out_dir.absolute())),
         ("format", args.format),
-        ("inputs", ", ".join(str(tuple(t.shape)) for t in inputs if isinstance(t, torch.Tensor)) or "keyword arguments"),
+        ("inputs", (shapes or "none") + ("; static shapes" if not dynamic else "; batch and sequence dynamic"
+                                         if not static else "; sizes fixed where the warning says")),
         ("output", f"{target.absolute()} ({target.stat().st_size / 2**20:.1f} MiB, {seconds:.1f} s)"),
-        ("load with", "import moefx, then " + ("torch._inductor.aoti_load_package(path)" if args.format == "aoti"
-                                              else "torch.export.load(path).module()")),
     ]
     make_console().print(summary_table("moefx export", rows))
+    print(f"load with: {load_line}")  # plain, never wrapped: it is meant to be copied
     return 0
+
+
+def load_instruction(target: Path, format: str) -> str:
+    """The Python line that loads ``target`` in a fresh process as ``model`` (``import moefx``
+    registers the moefx ops the program calls; outputs are plain tensors and dicts, needing nothing else)."""
+    path = repr(str(target.absolute()))
+    if format == "aoti":
+        return f"import torch, moefx; model = torch._inductor.aoti_load_package({path})"
+    if format == "tensorrt":  # torch_tensorrt registers the op that runs its engines
+        return f"import torch, torch_tensorrt, moefx; model = torch.export.load({path}).module()"
+    return f"import torch, moefx; model = torch.export.load({path}).module()"
 
 
 def _rebuild(out_dir: Path, manifest: dict):

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 from contextlib import contextmanager
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
@@ -97,6 +98,8 @@ def _layer_entry(path: str, layer) -> dict:
 def read_manifest(out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     path = out_dir / MANIFEST
+    if not (out_dir.exists() or out_dir.is_symlink()):
+        raise ArtifactError(f"{out_dir} does not exist: pass the directory that moefx convert (-o) or moefx.save wrote")
     if not path.is_file() or not ((out_dir / WEIGHTS).is_file() or (out_dir / INDEX).is_file()):
         raise ArtifactError(
             f"{out_dir} is not a moefx output: it needs {MANIFEST} and {WEIGHTS} (or {INDEX}), made by moefx convert "
@@ -154,10 +157,10 @@ def load(
     if _tensor_shapes(model) != shapes:  # not converted yet (a model that is, is only filled in)
         trial = _meta_copy(model) if callers else None  # tried on a copy first: no memory, no change
         if trial is not None:
-            _reapply(trial, recorded, example_inputs, example_kwargs)
+            _reapply(trial, recorded, example_inputs, example_kwargs, out_dir)
             _check_fits(trial, shapes, out_dir)
             del trial
-        _reapply(model, recorded, example_inputs, example_kwargs)
+        _reapply(model, recorded, example_inputs, example_kwargs, out_dir)
         _check_fits(model, shapes, out_dir)
     set_model_source(model, source)
     if not weights:
@@ -264,8 +267,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def _reapply(model: nn.Module, recorded: tuple[Conversion, ...], example_inputs, example_kwargs) -> None:
-    from moefx.passes.driver import moefy  # the runtime does not import the passes at module level
+def _reapply(model: nn.Module, recorded: tuple[Conversion, ...], example_inputs, example_kwargs, out_dir) -> None:
+    # moefy, step by step, to check the FFNs found against the record before any change
+    from moefx.passes.capture import CaptureError  # the runtime does not import the passes at module level
+    from moefx.passes.driver import conversion_options, convert_found, search
 
     for conversion in recorded:
         options = dict(conversion.options)
@@ -274,11 +279,43 @@ def _reapply(model: nn.Module, recorded: tuple[Conversion, ...], example_inputs,
             init="split" if options["init"] == "split" else "random",  # the weights come from the file
         )
         args, kwargs = example_inputs, example_kwargs
-        if args is None and kwargs is None and conversion.example_inputs is not None:
+        recorded_inputs = args is None and kwargs is None and conversion.example_inputs is not None
+        if recorded_inputs:
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
             args, kwargs = inputs_from_spec(conversion.example_inputs, device)
-        moefy(model, example_inputs=args, example_kwargs=kwargs, **options)
+        options = conversion_options(**options)
+        try:
+            found = search(model, args, kwargs)
+        except CaptureError as err:
+            if not (recorded_inputs and err.__cause__ is not None):  # not the model's forward refusing the inputs
+                raise
+            refusal = (str(err.__cause__).strip().splitlines() or [""])[0]
+            raise ArtifactError(
+                f"{type(model).__name__} does not match the conversion recorded in {out_dir}: its forward fails on the "
+                f"example inputs recorded there ({type(err.__cause__).__name__}: {refusal}): pass the dense model the "
+                "output was converted from, or example_inputs= its forward accepts"
+            ) from err
+        if not found.matches and next(moe_layers(model), None) is not None:
+            continue  # already converted, as moefy: _check_fits says whether it fits
+        _check_matches(model, options["include"], [m.path for m in found.matches], out_dir)
+        convert_found(model, found, options, example_inputs=args, example_kwargs=kwargs)
     set_conversions(model, recorded)  # the record as saved, not the re-application's options
+
+
+def _check_matches(model: nn.Module, expected: list[str], found: list[str], out_dir) -> None:
+    """Every FFN the record converted must be among those found in ``model`` (before any change)."""
+    if all(any(fnmatchcase(path, glob) for path in found) for glob in expected):
+        return
+    raise ArtifactError(
+        f"{type(model).__name__} does not match the conversion recorded in {out_dir}: expected FFNs at "
+        f"{_shortened(expected)}, found {f'FFN candidates at {_shortened(found)}' if found else 'no FFN candidate'}: "
+        "pass the dense model the output was converted from"
+    )
+
+
+def _shortened(paths: list[str], limit: int = 4) -> str:
+    shown = ", ".join(paths[:limit])
+    return f"[{shown}{f', … ({len(paths) - limit} more)' if len(paths) > limit else ''}]"
 
 
 def _check_fits(model: nn.Module, shapes: dict[str, tuple], out_dir) -> None:

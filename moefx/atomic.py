@@ -2,7 +2,8 @@
 
 Files go to a hidden temporary directory next to the target, which is renamed into place only
 when everything has been written. A failure or Ctrl-C removes the temporary directory; an
-existing target is replaced (with ``force``) by two renames, and put back if the second fails.
+existing empty directory is replaced by one rename (as if it were absent), any other existing
+target (with ``force``) by two renames, and put back if the second fails.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from typing import Iterator
 
 
 def refuse_existing(target: Path, force: bool, marker: str | None = None) -> None:
-    """Raise unless ``target`` may be written: absent, or ``force`` and replaceable. With a
-    ``marker`` file name, only an empty directory or one holding that file is replaceable, so a
-    mistyped target (``-o .``) is never wiped."""
-    if not (target.exists() or target.is_symlink()):
+    """Raise ``FileExistsError`` unless ``target`` may be written: absent, an empty directory, or
+    ``force`` and replaceable. With a ``marker`` file name, only a directory holding that file is
+    replaceable, so a mistyped target (``-o .``) is never wiped. A target, or a parent of it, that
+    is a file is refused whatever ``force``."""
+    _refuse_files(target)
+    if not (target.exists() or target.is_symlink()) or _is_empty_directory(target):
         return
     if not force:
         raise FileExistsError(f"{target} already exists: choose another output directory, or pass --force (force=True) to replace it")
@@ -28,6 +31,22 @@ def refuse_existing(target: Path, force: bool, marker: str | None = None) -> Non
             f"{target} exists and is not an output of this kind (no {marker} in it): refusing to replace it even with "
             "--force; choose another output directory"
         )
+
+
+def _refuse_files(target: Path) -> None:
+    """A file where the directory or one of its parents should be: no ``force`` can help."""
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} is a file, not a directory: choose another output directory (-o)")
+    parent = next((p for p in target.parents if p.exists() or p.is_symlink()), None)
+    if parent is not None and not parent.is_dir():
+        raise FileExistsError(
+            f"{parent} is a file, not a directory, so {target} cannot be made in it: choose another output directory (-o)"
+        )
+
+
+def _is_empty_directory(path: Path) -> bool:
+    """A real (not symlinked) empty directory, which rename(2) replaces atomically, like an absent one."""
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
 @contextmanager
@@ -60,8 +79,8 @@ def atomic_directory(target: str | Path, *, force: bool = False, marker: str | N
 
 def _swap_in(tmp: Path, target: Path, force: bool, marker: str | None) -> None:
     refuse_existing(target, force, marker)  # it may have appeared while we were writing
-    if not target.exists():
-        os.rename(tmp, target)
+    if not (target.exists() or target.is_symlink()) or _is_empty_directory(target):
+        os.rename(tmp, target)  # onto an empty directory too: rename(2) replaces it in one step
         return
     backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
     backup.rmdir()  # only its unique name is wanted

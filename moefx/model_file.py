@@ -22,6 +22,8 @@ from types import ModuleType
 from torch import nn
 
 DEFAULT_ENTRIES = ("build_model", "model")
+# What moefx converts from, for the messages that refuse anything else (one place to extend).
+ACCEPTED_SOURCES = "a Python model file (.py) defining build_model() and example_inputs()"
 
 
 class ModelFileError(RuntimeError):
@@ -39,9 +41,10 @@ class ModelFile:
 
 def load_model_file(path: str | Path, entry: str | None = None) -> ModelFile:
     """Run the file, build its model and its example inputs."""
+    problem = source_problem(path)
+    if problem is not None:
+        raise ModelFileError(problem)
     path = Path(path).resolve()
-    if not path.is_file():
-        raise ModelFileError(f"model file {path} not found; pass the path of a Python file that defines build_model()")
     sys.path.insert(0, str(path.parent))  # the file, and its builders when they run, may import its neighbours
     try:
         module = _import(path)
@@ -55,6 +58,18 @@ def load_model_file(path: str | Path, entry: str | None = None) -> ModelFile:
     finally:
         sys.path.remove(str(path.parent))
     return ModelFile(path, entry, model, args, kwargs)
+
+
+def source_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a source moefx can convert (a message naming the fix), or None."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{path} is a directory, not a model file: pass {ACCEPTED_SOURCES}"
+    if not path.exists():
+        return f"model file {path} not found: pass the path of {ACCEPTED_SOURCES}"
+    if not path.is_file() or path.suffix != ".py":
+        return f"{path} is not a Python file: pass {ACCEPTED_SOURCES}"
+    return None
 
 
 def _import(path: Path) -> ModuleType:

@@ -144,3 +144,43 @@ def test_inspect_checks_its_options_before_loading(tmp_path):
     write_model_file(tmp_path, MLP_MODEL)
     result = moefx("inspect", "model.py", "--gate", "switch", "--top-k", "2", cwd=tmp_path)
     assert result.code == 2 and "must be 1 for gate='switch'" in result.err
+
+
+def test_an_existing_empty_output_directory_is_written_into(tmp_path):
+    import tempfile
+    from pathlib import Path
+
+    write_model_file(tmp_path, MLP_MODEL)
+    out = Path(tempfile.mkdtemp(dir=tmp_path))
+    result = moefx("convert", "model.py", "-o", out.name, cwd=tmp_path)
+    assert result.code == 0, result.err
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "moefx.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.py", out.name]), "a temporary directory was left"
+
+
+@pytest.mark.parametrize("out, force", [("afile", False), ("afile", True), ("afile/sub", False), ("afile/sub", True)])
+def test_an_output_path_where_a_file_is_is_a_usage_error(tmp_path, out, force):
+    write_model_file(tmp_path, MLP_MODEL)
+    (tmp_path / "afile").write_text("mine")
+    result = moefx("convert", "model.py", "-o", out, *(["--force"] if force else []), cwd=tmp_path)
+    assert result.code == 2, result.err
+    (line,) = result.err.strip().splitlines()
+    assert line.startswith(f"moefx: error: {tmp_path / 'afile'} is a file, not a directory"), line
+    assert "choose another output directory (-o)" in line and "--force" not in line and "Errno" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "model.py"]
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+@pytest.mark.parametrize("source, words", [
+    ("adir", "adir is a directory, not a model file: pass a Python model file (.py) defining build_model() and example_inputs()"),
+    ("config.json", "config.json is not a Python file: pass a Python model file (.py) defining build_model()"),
+])
+def test_a_source_that_is_not_a_model_file_is_a_usage_error(tmp_path, source, words):
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "config.json").write_text("{}")
+    before = set(tmp_path.iterdir())
+    result = moefx("convert", source, cwd=tmp_path)
+    assert result.code == 2, result.err
+    (line,) = result.err.strip().splitlines()
+    assert line.startswith("moefx: error: ") and words in line, line
+    assert set(tmp_path.iterdir()) == before and result.out == ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,3 +221,87 @@ def test_loading_into_a_converted_model_keeps_its_parameters(tmp_path):
     for name, p in other.named_parameters():
         assert p is before[name], name
         assert torch.equal(p, model.get_parameter(name)), name
+
+
+def test_save_writes_into_an_existing_empty_directory(tmp_path):
+    import tempfile
+
+    model = _mlp_model()
+    moefx.moefy(model, num_experts=2, example_inputs=(torch.randn(2, 8),))
+    out = tempfile.mkdtemp(dir=tmp_path)  # as save_pretrained and DCP accept
+    moefx.save(model, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [Path(out).name], "a temporary directory was left"
+    _assert_same_tensors(moefx.load(out, _mlp_model()), model)
+    other = tmp_path / "project"  # not empty and not a moefx output: still refused, even forced
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    for force in (False, True):
+        with pytest.raises(FileExistsError):
+            moefx.save(model, other, force=force)
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+
+
+def test_save_where_a_file_is_in_the_way_says_so(tmp_path):
+    model = _mlp_model()
+    moefx.moefy(model, num_experts=2, example_inputs=(torch.randn(2, 8),))
+    (tmp_path / "afile").write_text("mine")
+    for target, words in ((tmp_path / "afile", "afile is a file, not a directory: choose another output directory"),
+                          (tmp_path / "afile" / "sub", "afile is a file, not a directory, so")):
+        for force in (False, True):
+            with pytest.raises(FileExistsError) as refused:
+                moefx.save(model, target, force=force)
+            assert words in str(refused.value) and "force" not in str(refused.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"] and (tmp_path / "afile").read_text() == "mine"
+
+
+def test_loading_a_path_that_does_not_exist_says_so(tmp_path):
+    with pytest.raises(ArtifactError, match=r"nope does not exist: pass the directory that moefx convert"):
+        moefx.load(tmp_path / "nope")
+
+
+def _unchanged(model: nn.Module):
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+
+    def check():
+        assert list(moefx.moe_layers(model)) == [] and model.state_dict().keys() == before.keys()
+        assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())
+    return check
+
+
+def test_loading_into_a_model_of_another_family_names_what_was_expected_and_found(tmp_path):
+    cases = {c.name: c for c in CASES}
+    llama = cases["llama"].build()
+    args, kwargs = cases["llama"].inputs()
+    moefx.moefy(llama, num_experts=2, example_inputs=args, example_kwargs=kwargs)
+    moefx.save(llama, tmp_path / "llama")
+    gpt2 = cases["gpt2"].build()
+    check = _unchanged(gpt2)
+    with pytest.raises(ArtifactError) as refused:
+        moefx.load(tmp_path / "llama", gpt2)
+    message = str(refused.value)
+    assert "GPT2Model does not match the conversion recorded in" in message and "include" not in message
+    assert "expected FFNs at [layers.0.mlp, layers.1.mlp], found FFN candidates at [h.0.mlp" in message
+    assert "pass the dense model the output was converted from" in message
+    check()
+
+    model = _mlp_model()
+    moefx.moefy(model, num_experts=2, example_inputs=(torch.randn(2, 8),))
+    moefx.save(model, tmp_path / "mlp")
+    for other, words in (
+        (nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), "expected FFNs at [0], found no FFN candidate"),
+        (nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16)),
+         "its forward fails on the example inputs recorded there (RuntimeError"),
+    ):
+        check = _unchanged(other)
+        with pytest.raises(ArtifactError, match="Sequential does not match the conversion recorded in") as refused:
+            moefx.load(tmp_path / "mlp", other)
+        assert words in str(refused.value), str(refused.value)
+        check()
+
+
+def test_a_long_list_of_expected_ffns_is_shortened():
+    from moefx.artifact import _shortened
+
+    paths = [f"model.layers.{i}.mlp" for i in range(32)]
+    assert _shortened(paths) == "[model.layers.0.mlp, model.layers.1.mlp, model.layers.2.mlp, model.layers.3.mlp, … (28 more)]"
+    assert _shortened(paths[:2]) == "[model.layers.0.mlp, model.layers.1.mlp]"

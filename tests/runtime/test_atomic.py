@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from moefx.atomic import atomic_directory
@@ -44,6 +47,7 @@ def test_a_failure_never_damages_an_existing_output(tmp_path, stop):
 def test_existing_output_needs_force(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
+    (out / "old.txt").write_text("old")
     with pytest.raises(FileExistsError, match="--force"):
         with atomic_directory(out):
             pass
@@ -51,6 +55,38 @@ def test_existing_output_needs_force(tmp_path):
         _write(tmp)
     assert {p.name: p.read_text() for p in out.iterdir()} == {"a.txt": "new", "b.txt": "new"}
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("marker", [None, "moefx.json"])
+def test_an_empty_directory_is_written_into_without_force(tmp_path, marker):
+    out = Path(tempfile.mkdtemp(dir=tmp_path))  # as a user makes one for the output
+    with atomic_directory(out, marker=marker) as tmp:
+        _write(tmp)
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"a.txt": "new", "b.txt": "new"}
+    assert [p.name for p in tmp_path.iterdir()] == [out.name], "a temporary directory was left"
+
+
+def test_a_failure_leaves_an_empty_target_directory_as_it_was(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(RuntimeError):
+        with atomic_directory(out) as tmp:
+            (tmp / "a.txt").write_text("half")
+            raise RuntimeError("disk full")
+    assert out.is_dir() and list(out.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_file_in_the_way_is_refused_without_suggesting_force(tmp_path, force):
+    (tmp_path / "afile").write_text("mine")
+    for target, words in ((tmp_path / "afile", "afile is a file, not a directory"),
+                          (tmp_path / "afile" / "sub" / "out", "afile is a file, not a directory, so")):
+        with pytest.raises(FileExistsError, match="choose another output directory") as refused:
+            with atomic_directory(target, force=force, marker="moefx.json"):
+                pass
+        assert words in str(refused.value) and "--force" not in str(refused.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"] and (tmp_path / "afile").read_text() == "mine"
 
 
 def test_force_replaces_only_an_earlier_output_of_the_same_kind(tmp_path):

@@ -41,3 +41,14 @@ def test_recorded_inputs_come_back_with_their_shapes_and_dtypes():
     assert ids.dtype == torch.long and ids.shape == (2, 5) and int(ids.abs().sum()) == 0
     assert mask.dtype == torch.bool and bool(mask.all()) and three == 3
     assert isinstance(kwargs["x"], list) and kwargs["x"][0].shape == (4,)
+
+
+def test_only_python_files_are_model_files(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelFileError, match=r"config.json is not a Python file: pass a Python model file \(\.py\) "
+                                             r"defining build_model\(\) and example_inputs\(\)"):
+        load_model_file(tmp_path / "config.json")
+    with pytest.raises(ModelFileError, match=r"is a directory, not a model file: pass a Python model file \(\.py\)"):
+        load_model_file(tmp_path)
+    with pytest.raises(ModelFileError, match=r"model file .*nope.py not found: pass the path of a Python model file"):
+        load_model_file(tmp_path / "nope.py")
