@@ -5,21 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 from contextlib import contextmanager
+from copy import deepcopy
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from torch import nn
 
 from moefx.artifact import MANIFEST, read_manifest, save
 from moefx.atomic import refuse_existing
 from moefx.cli.checks import CLIError, check_conversion_options, check_model_file, options_from_args
-from moefx.cli.views import make_console, summary_table
+from moefx.cli.views import count_text, make_console, summary_table
 from moefx.model import expert_size, moe_layers, parameter_counts
 from moefx.model_file import ModelFile, ModelFileError, load_model_file
 from moefx.passes.capture import CaptureError
 from moefx.passes.driver import NoFFNFound, convert_found, search
-from moefx.passes.plan import plan
 from moefx.passes.rewrite import RewriteError
 
 STAGES = {"load": "loading the model file", "capture": "capturing the graph", "match": "matching FFNs",
@@ -49,8 +50,8 @@ def run_convert(args: argparse.Namespace) -> int:
             hint = f" (rejected candidates: {len(found.rejected)}; moefx inspect {args.model_py} shows why)" if found.rejected else ""
             raise CLIError(f"no feed-forward block found in {file.name} ({type(model).__name__}); nothing written{hint}")
         if args.dry_run:
-            chosen = plan(found.matches, include=args.include, exclude=args.exclude, every=args.every)
-            return _report_dry_run(args, file, model, found, chosen, before)
+            planned = _dry_run(model, found, options, inputs, kwargs, stage)
+            return _report_dry_run(args, file, model, found, planned, before)
         try:
             conversion = convert_found(model, found, options, example_inputs=inputs, example_kwargs=kwargs, on_stage=stage)
         except (NoFFNFound, RewriteError, ValueError) as err:
@@ -111,23 +112,48 @@ def _first_failure(err: CaptureError) -> str:
     return lines[1].strip() if len(lines) > 1 else lines[0]
 
 
-def _report_dry_run(args, file: Path, model, found, chosen, before) -> int:
+def _dry_run(model, found, options: dict, inputs, kwargs, stage):
+    """The conversion done on a copy of ``model`` whose tensors are on the meta device: what
+    converts and the parameter counts after, with no memory for weights, the model untouched and
+    nothing written. Returns ``(conversion, counts after, the converted copy)``."""
+    twins = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for tensor in table.values():
+                if tensor is not None and id(tensor) not in twins:  # a tied tensor keeps one twin
+                    meta = torch.empty_like(tensor, device="meta")
+                    twins[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+    copy = deepcopy(model, twins)
+    try:
+        conversion = convert_found(copy, found, options, example_inputs=inputs, example_kwargs=kwargs, on_stage=stage)
+    except (NoFFNFound, RewriteError, ValueError) as err:
+        raise CLIError(f"{err}; nothing written") from err
+    return conversion, parameter_counts(copy), copy
+
+
+def _report_dry_run(args, file: Path, model, found, planned, before) -> int:
+    conversion, after, converted = planned
     if args.json:
         data = {
             "dry_run": True, "model": type(model).__name__, "source": str(file.absolute()),
-            "convert": [m.path for m in chosen.convert],
-            "skipped": [{"path": m.path, "reason": why} for m, why in chosen.skipped],
+            "convert": [c.path for c in conversion.converted],
+            "skipped": [{"path": path, "reason": why} for path, why in conversion.skipped],
             "rejected": [{"path": r.path, "reason": r.reason} for r in found.rejected],
             "parameters_before": before.total,
+            "parameters_after": after.total, "active_per_token": after.active_per_token, "per_expert": after.expert,
         }
         print(json.dumps(data, indent=2))
         return 0
     rows = [
         ("model", f"{type(model).__name__} from {file.name}"),
         ("FFNs found", str(len(found.matches))),
-        ("would convert", _paths([m.path for m in chosen.convert]) or "none"),
+        ("would convert", _paths([c.path for c in conversion.converted]) or "none"),
+        ("not converted", _paths([p for p, _ in conversion.skipped]) if conversion.skipped else "none"),
         ("candidates rejected", str(len(found.rejected))),
-        ("parameters", _count(before.total)),
+        ("MoE", f"{args.experts} experts, top-{args.top_k}, gate {args.gate}, init {args.init}"),
+        ("parameters", f"{_count(before.total)} → {_count(after.total)}"),
+        ("active per token", _count(after.active_per_token)),
+        ("expert size", _expert_sizes(converted)),
         ("output", "dry run: nothing written"),
     ]
     make_console().print(summary_table("moefx convert --dry-run", rows))
@@ -171,7 +197,4 @@ def _paths(paths: list[str], limit: int = 6) -> str:
 
 
 def _count(n: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit} ({n:,})"
-    return f"{n:,}"
+    return count_text(n)

@@ -1,6 +1,8 @@
-"""``moefx inspect MODEL_PY | OUT_DIR``: the module tree with every FFN candidate marked, and the
-graph of one MoE layer with shapes (or all of it as JSON). Inspecting an output directory loads
-it with ``moefx.load``, which imports the model file it records: that runs the file's code."""
+"""``moefx inspect MODEL_PY | OUT_DIR``: a summary (source, options, FFNs, parameters before and
+after), the module tree with every FFN candidate marked (identical layers shown once unless
+``--full``), and the graph of one MoE layer with shapes (or all of it as JSON). Inspecting an
+output directory loads it with ``moefx.load``, which imports the model file it records: that runs
+the file's code."""
 
 from __future__ import annotations
 
@@ -12,13 +14,13 @@ from pathlib import Path
 from moefx.artifact import ArtifactError, load
 from moefx.cli.checks import CLIError, check_conversion_options, options_from_args
 from moefx.cli.layer_graph import layer_graph
-from moefx.cli.views import candidates, graph_table, make_console, module_tree
-from moefx.model import moe_layers
+from moefx.cli.views import Candidate, candidates, graph_table, inspect_summary, make_console, module_tree
+from moefx.model import expert_size, moe_layers, parameter_counts
 from moefx.model_file import ModelFileError, load_model_file
 from moefx.passes.capture import CaptureError
 from moefx.passes.driver import convert_found, search
 from moefx.passes.rewrite import RewriteError
-from moefx.record import Conversion, add_conversion, conversions
+from moefx.record import Conversion, add_conversion, conversions, model_source
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -30,32 +32,84 @@ def run_inspect(args: argparse.Namespace) -> int:
                 f"{' '.join(given)} cannot change {target}: an output directory is shown as it was converted. "
                 "Pass the options with the model file instead (moefx inspect MODEL_PY ...)", code=2)
         model, source = _from_output(target), str(target.absolute())
+        before, origin = None, _output_origin(model, target)
     elif target.is_file():
         check_conversion_options(args)
         options = options_from_args(args)
-        model, source = _from_model_file(target, args, options), str(target.absolute())
+        model, before, entry = _from_model_file(target, args, options)
+        origin = {"kind": "model file", "file": target.name, "entry": entry, "description": f"{target.name}:{entry}"}
+        source = str(target.absolute())
     else:
         raise CLIError(f"{args.target} is neither a model file nor a moefx output directory", code=2)
     found = candidates(conversions(model))
     layers = list(moe_layers(model))
     chosen = _pick_layer(layers, args.layer)
     steps = layer_graph(chosen[1]) if chosen else []
+    summary = _summary(model, found, layers, {"path": source, **origin}, before)
     if args.json:
         print(json.dumps({
-            "model": type(model).__name__, "source": source,
+            "model": type(model).__name__, "source": source, "summary": summary,
             "candidates": [asdict(c) for c in found],
             "moe_layers": [path for path, _ in layers],
             "layer": {"path": chosen[0], "graph": [asdict(s) for s in steps]} if chosen else None,
         }, indent=2))
         return 0
     console = make_console()
-    console.print(module_tree(model, found))
+    console.print(inspect_summary(summary))
+    console.print()
+    console.print(module_tree(model, found, full=args.full))
     if chosen:
         console.print()
-        console.print(graph_table(chosen[0], steps))
+        console.print(graph_table(chosen[0], steps, layer=chosen[1], full=args.full))
     else:
         console.print("no MoE layer: no feed-forward block was found, see the rejected candidates above")
     return 0
+
+
+def _output_origin(model, out_dir: Path) -> dict:
+    recorded = model_source(model) or {}
+    origin = {"kind": "output directory", "file": Path(recorded["file"]).name if recorded.get("file") else None,
+              "entry": recorded.get("entry")}
+    converted_from = f" (converted from {origin['file']}:{origin['entry']})" if origin["file"] else ""
+    return {**origin, "description": f"{out_dir}{converted_from}"}
+
+
+def _summary(model, found: list[Candidate], layers, source: dict, before: int | None) -> dict:
+    """What ``inspect`` shows first, and adds to its JSON: the source, the options, how many FFNs
+    were found and converted, and the parameters before and after conversion."""
+    recorded = conversions(model)
+    status = [c.status for c in found]
+    after = parameter_counts(model) if layers else None
+    if before is None:
+        before = dense_parameters(model)
+    return {
+        "model": type(model).__name__,
+        "source": source,
+        "options": next((dict(c.options) for c in reversed(recorded) if c.converted), None),
+        "ffns": {"found": status.count("converted") + status.count("skipped"), "converted": status.count("converted"),
+                 "skipped": status.count("skipped"), "rejected": status.count("rejected")},
+        "moe_layers": len(layers),
+        "parameters": {
+            "before": before, "after": after.total if after else before,
+            "active_per_token": after.active_per_token if after else before,
+            "per_expert": after.expert if after else None,
+        },
+    }
+
+
+def dense_parameters(model) -> int:
+    """The parameters of the model before conversion, from the converted one: each MoE layer
+    counted as the dense FFN it replaced (its record gives the FFN's sizes, kind and biases)."""
+    total = parameter_counts(model).total
+    for _, layer in moe_layers(model):
+        total -= layer.config.num_experts * expert_size(layer) + sum(
+            p.numel() for name, p in layer.named_parameters() if not name.startswith("experts."))
+    for conversion in conversions(model):
+        for ffn in conversion.converted:
+            projections = 3 if ffn.kind == "glu" else 2
+            biases = (2 if ffn.kind == "glu" else 1) * ffn.d_hidden + ffn.d_model if ffn.bias else 0
+            total += projections * ffn.d_model * ffn.d_hidden + biases
+    return total
 
 
 def _from_output(out_dir: Path):
@@ -66,18 +120,20 @@ def _from_output(out_dir: Path):
 
 
 def _from_model_file(file: Path, args: argparse.Namespace, options: dict):
-    """The model converted in memory with the command's options (nothing is written)."""
+    """The model converted in memory with the command's options (nothing is written), its
+    parameter count before conversion, and the builder's name."""
     try:
         built = load_model_file(file, args.entry)
         model = built.model
+        before = parameter_counts(model).total
         found = search(model, built.example_args, built.example_kwargs)
         if not found.matches:  # nothing converts; still show what was rejected
             add_conversion(model, Conversion({}, (), rejected=tuple((r.path, r.reason) for r in found.rejected)))
-            return model
+            return model, before, built.entry
         convert_found(model, found, options, example_inputs=built.example_args, example_kwargs=built.example_kwargs)
     except (ModelFileError, CaptureError, RewriteError, ValueError) as err:
         raise CLIError(str(err)) from err
-    return model
+    return model, before, built.entry
 
 
 def _pick_layer(layers, path: str | None):

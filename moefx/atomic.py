@@ -24,13 +24,14 @@ def refuse_existing(target: Path, force: bool, marker: str | None = None) -> Non
     _refuse_files(target)
     if not (target.exists() or target.is_symlink()) or _is_empty_directory(target):
         return
+    if marker is not None and not (target.is_dir() and (target / marker).is_file()):
+        # Named before --force: suggesting a flag that would then refuse sends the user in a circle.
+        raise FileExistsError(
+            f"{target} already exists and is not an output of this kind (no {marker} in it): choose another output "
+            "directory (--force replaces only an earlier output)"
+        )
     if not force:
         raise FileExistsError(f"{target} already exists: choose another output directory, or pass --force (force=True) to replace it")
-    if marker is not None and not (target.is_dir() and (not any(target.iterdir()) or (target / marker).is_file())):
-        raise FileExistsError(
-            f"{target} exists and is not an output of this kind (no {marker} in it): refusing to replace it even with "
-            "--force; choose another output directory"
-        )
 
 
 def _refuse_files(target: Path) -> None:

@@ -220,3 +220,25 @@ def test_summary_gives_the_expert_size_of_each_layer_size(tmp_path):
     result = run("convert", "model.py", "--experts", "2", cwd=tmp_path, env={"COLUMNS": "200"})
     assert result.code == 0, result.err
     assert re.search(rf"expert size\s+│ {narrow} to {wide} parameters, by layer", result.out), result.out
+
+
+def test_dry_run_gives_the_parameters_after_conversion_and_writes_nothing(tmp_path):
+    """The dry run converts a meta-device copy: its counts (after, active per token, per expert)
+    are those the real conversion writes in moefx.json, the table shows them, and nothing is written."""
+    flags = ["--experts", "4", "--top-k", "1", "--exclude", "blocks.1.*"]
+    dry = run("convert", EXAMPLES / "hand_written.py", *flags, "--dry-run", "--json", cwd=tmp_path)
+    assert dry.code == 0, dry.err
+    table = run("convert", EXAMPLES / "hand_written.py", *flags, "--dry-run", cwd=tmp_path)
+    assert table.code == 0, table.err
+    assert list(tmp_path.iterdir()) == []
+    report = json.loads(dry.out)
+    real = run("convert", EXAMPLES / "hand_written.py", *flags, "-o", "out", "--json", cwd=tmp_path)
+    assert real.code == 0, real.err
+    written = json.loads(real.out)["parameters"]
+    assert report["convert"] == ["blocks.0.ffn", "blocks.2.ffn"]
+    assert (report["parameters_after"], report["active_per_token"], report["per_expert"]) == (
+        written["total"], written["active_per_token"], written["per_expert"])
+    assert report["parameters_before"] < report["active_per_token"] < report["parameters_after"]
+    assert re.search(rf"parameters\s+│ .*\({report['parameters_before']:,}\) → .*\({written['total']:,}\)", table.out), table.out
+    assert re.search(rf"active per token\s+│ .*\({written['active_per_token']:,}\)", table.out), table.out
+    assert "dry run: nothing written" in table.out

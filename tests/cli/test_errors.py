@@ -107,7 +107,8 @@ def test_existing_output_is_refused_and_left_alone(tmp_path):
     (out / "keep.txt").write_text("mine")
     result = moefx("convert", "model.py", "-o", "out", cwd=tmp_path)
     assert result.code == 2
-    assert "already exists" in result.err and "--force" in result.err
+    assert "already exists" in result.err and "not an output of this kind" in result.err
+    assert "--force replaces only an earlier output" in result.err  # never a bare suggestion that would refuse
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
