@@ -108,7 +108,7 @@ def copy_bandwidth(device: torch.device, file: Path) -> float:
 
 def worker(args, config: dict) -> dict:
     import moefx
-    from moefx.expert_store import ExpertLayout, stacked_expert_tensors
+    from moefx.offloading.store import ExpertLayout, stacked_expert_tensors
 
     device = torch.device(args.device)
     with torch.device("meta"):

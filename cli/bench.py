@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 import moefx
-from moefx.kernels.cuda_kernels import default_kernels
+from moefx.kernels.cuda.registration import default_kernels
 
 
 @dataclass(frozen=True)

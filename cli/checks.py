@@ -30,7 +30,7 @@ def check_conversion_options(args: argparse.Namespace) -> None:
 
 def check_model_file(path: str) -> Path:
     """``path`` as a model file, or a usage error that says which sources are accepted."""
-    from moefx.model_file import source_problem
+    from moefx.artifact.model_file import source_problem
 
     problem = source_problem(path)
     if problem is not None:

@@ -13,12 +13,12 @@ import torch
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from moefx.artifact import MANIFEST, read_manifest, save
-from moefx.atomic import refuse_existing
+from moefx.artifact.save_load import MANIFEST, read_manifest, save
+from moefx.artifact.atomic import refuse_existing
 from moefx.cli.checks import CLIError, check_conversion_options, check_model_file, options_from_args
 from moefx.cli.views import count_text, make_console, summary_table
 from moefx.model import expert_size, moe_layers, parameter_counts
-from moefx.model_file import ModelFile, ModelFileError, load_model_file
+from moefx.artifact.model_file import ModelFile, ModelFileError, load_model_file
 from moefx.passes.capture import CaptureError
 from moefx.passes.driver import NoFFNFound, convert_found, search
 from moefx.passes.rewrite import RewriteError

@@ -1,5 +1,5 @@
 """``moefx export OUT_DIR --format {pt2,aoti,tensorrt}``: a moefx convert output, exported for
-deployment (``moefx.lowering``). The model file the output records is imported to rebuild the
+deployment (``moefx.exporting``). The model file the output records is imported to rebuild the
 model and to give the example inputs (token inputs' batch and sequence sizes are dynamic; other
 shapes are the example's). It ends with the exact Python line that loads the result."""
 
@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
-from moefx.artifact import ArtifactError, load, read_manifest, recorded_model_file
+from moefx.artifact.save_load import ArtifactError, load, read_manifest, recorded_model_file
 from moefx.cli.checks import CLIError
 from moefx.cli.convert import cast_inputs
 from moefx.cli.views import make_console, summary_table
-from moefx.lowering import ExportError, StaticShapeWarning, is_token_input, export
-from moefx.model_file import ModelFileError, load_model_file
+from moefx.exporting import ExportError, StaticShapeWarning, is_token_input, export
+from moefx.artifact.model_file import ModelFileError, load_model_file
 from moefx.passes.capture import CaptureError
-from moefx.record import Conversion, inputs_from_spec
+from moefx.artifact.record import Conversion, inputs_from_spec
 
 DEFAULT_NAMES = {"pt2": "model.pt2", "aoti": "model.aoti.pt2", "tensorrt": "model.trt.pt2"}
 

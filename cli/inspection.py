@@ -11,16 +11,16 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from moefx.artifact import ArtifactError, load
+from moefx.artifact.save_load import ArtifactError, load
 from moefx.cli.checks import CLIError, check_conversion_options, options_from_args
 from moefx.cli.layer_graph import layer_graph
 from moefx.cli.views import Candidate, candidates, graph_table, inspect_summary, make_console, module_tree
 from moefx.model import expert_size, moe_layers, parameter_counts
-from moefx.model_file import ModelFileError, load_model_file
+from moefx.artifact.model_file import ModelFileError, load_model_file
 from moefx.passes.capture import CaptureError
 from moefx.passes.driver import convert_found, search
 from moefx.passes.rewrite import RewriteError
-from moefx.record import Conversion, add_conversion, conversions, model_source
+from moefx.artifact.record import Conversion, add_conversion, conversions, model_source
 
 
 def run_inspect(args: argparse.Namespace) -> int:

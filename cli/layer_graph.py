@@ -19,7 +19,7 @@ import torch
 from torch import fx
 from torch.export import Dim
 
-from moefx.layer import MoE
+from moefx.layer.moe import MoE
 
 # Bookkeeping nodes that say nothing about the computation.
 _HIDDEN = {operator.getitem, torch.ops.aten.sym_size.int, torch.ops.aten._assert_tensor_metadata.default,

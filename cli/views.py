@@ -17,9 +17,9 @@ from rich.tree import Tree
 from torch import nn
 
 from moefx.cli.layer_graph import GraphStep
-from moefx.folded import Folded
-from moefx.layer import MoE
-from moefx.record import Conversion
+from moefx.layer.folded import Folded
+from moefx.layer.moe import MoE
+from moefx.artifact.record import Conversion
 
 _STATUS_STYLE = {"converted": "green", "skipped": "yellow", "rejected": "red"}
 

@@ -39,7 +39,7 @@ def shard_with_fsdp2(model: LlamaForCausalLM, device: torch.device) -> None:
     from torch.distributed.fsdp import fully_shard
 
     world_mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    experts = moefx.parallel.expert_parameters(model)
+    experts = moefx.parallel.parallelize.expert_parameters(model)
     for layer in model.model.layers:
         fully_shard(layer, mesh=world_mesh, ignored_params=experts)
     fully_shard(model, mesh=world_mesh, ignored_params=experts)

@@ -15,7 +15,7 @@ if __name__ != "moefx.kernels":  # imported as a bare `kernels` from the reposit
 
     _runpy.run_path(str(_Path(__file__).parents[1] / "moefx" / "toplevel_names.py"))["give_way"](__name__)
 else:
-    from moefx.kernels import (  # noqa: F401  (registers the ops)
+    from moefx.kernels.ops import (  # noqa: F401  (registers the ops)
         all_to_all,
         gather_grouped_linear,
         grouped_linear,
@@ -26,7 +26,7 @@ else:
         swiglu,
         unpermute,
     )
-    from moefx.kernels import cuda_kernels
+    from moefx.kernels.cuda import registration as cuda_kernels
 
     # The ops a forward can contain, as ``torch.ops.moefx`` names (backward ops are not listed).
     FORWARD_OPS = (

@@ -5,16 +5,16 @@ Public API (see DESIGN.md): ``moefy``, ``find_ffns``, ``MoE``, ``MoEConfig``, ``
 ``offload_stats``, ``export``.
 """
 
-from moefx.config import MoEConfig
-from moefx.layer import MoE, MoEStats
+from moefx.layer.config import MoEConfig
+from moefx.layer.moe import MoE, MoEStats
 from moefx.model import aux_loss, moe_layers, update_routing_bias
-from moefx.template import FFNTemplate
+from moefx.init.template import FFNTemplate
 from moefx.passes.driver import NoFFNFound, find_ffns, moefy  # noqa: E402  (needs the runtime above)
 from moefx.passes.find_ffn import FFNMatch
-from moefx.artifact import load, save
-from moefx.parallel import expert_parallel_mesh, parallelize
-from moefx.offload import OffloadStats, offload, offload_stats
-from moefx.lowering import export
+from moefx.artifact.save_load import load, save
+from moefx.parallel.parallelize import expert_parallel_mesh, parallelize
+from moefx.offloading.offload import OffloadStats, offload, offload_stats
+from moefx.exporting import export
 
 __version__ = "0.1.0"
 

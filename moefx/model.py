@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from moefx.layer import MoE
+from moefx.layer.moe import MoE
 
 
 def moe_layers(model: nn.Module) -> Iterator[tuple[str, MoE]]:

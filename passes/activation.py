@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from moefx.passes.ops import tensor_inputs
+from moefx.passes.graph.ops import tensor_inputs
 
 _KNOWN = {
     "identity": lambda x: x,

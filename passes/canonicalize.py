@@ -29,8 +29,8 @@ from operator import attrgetter
 
 from torch import fx, nn
 
-from moefx.passes import normal_form
-from moefx.passes.ops import ASSERTIONS, CONVOLUTIONS, arg, op_name, remove_dead_code, shape_of
+from moefx.passes.graph import normal_form
+from moefx.passes.graph.ops import ASSERTIONS, CONVOLUTIONS, arg, op_name, remove_dead_code, shape_of
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ from typing import Literal
 import torch
 from torch import fx, nn
 
-from moefx.forward_override import forward_override
-from moefx.layer import MoE
+from moefx.passes.forward_override import forward_override
+from moefx.layer.moe import MoE
 
 log = logging.getLogger(__name__)
 

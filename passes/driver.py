@@ -7,10 +7,10 @@ from typing import Callable
 
 from torch import nn
 
-from moefx.config import MoEConfig
-from moefx.init import INIT_STRATEGIES, SPLIT_METHODS
+from moefx.layer.config import MoEConfig
+from moefx.init.strategies import INIT_STRATEGIES, SPLIT_METHODS
 from moefx.model import moe_layers
-from moefx.record import Conversion, ConvertedFFN, UnrecordableInput, add_conversion, input_spec
+from moefx.artifact.record import Conversion, ConvertedFFN, UnrecordableInput, add_conversion, input_spec
 from moefx.passes.canonicalize import canonicalize
 from moefx.passes.capture import capture
 from moefx.passes.find_ffn import FFNMatch, FFNSearch, find_ffn
@@ -55,7 +55,7 @@ def moefy(
     A model that is already converted is returned unchanged. Raises ``NoFFNFound`` (with every
     rejected candidate's reason) when there is nothing to convert, and ``ValueError`` when
     ``include``/``exclude``/``every`` leave nothing. What was done is recorded on the model
-    (``moefx.record``) for ``moefx.save``.
+    (``moefx.artifact.record``) for ``moefx.save``.
     """
     options = conversion_options(
         num_experts=num_experts, top_k=top_k, init=init, gate=gate, capacity_factor=capacity_factor, include=include,

@@ -25,11 +25,11 @@ from itertools import takewhile
 from torch import fx
 
 from moefx.passes import activation as activations
-from moefx.passes import normal_form
-from moefx.passes.dominance import Dominance
-from moefx.passes.feature_axis import feature_axis
-from moefx.passes.normal_form import Linear
-from moefx.passes.ops import (
+from moefx.passes.graph import normal_form
+from moefx.passes.graph.dominance import Dominance
+from moefx.passes.graph.feature_axis import feature_axis
+from moefx.passes.graph.normal_form import Linear
+from moefx.passes.graph.ops import (
     ATTENTION, CASTS, LAYOUT, PERMUTES, ROUTING, ROW_OPS, ROW_REDUCTIONS, TRANSPARENT, arg, is_pointwise,
     module_scope, op_name, shape_of, tensor_inputs,
 )

@@ -27,11 +27,11 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_map_only
 
-from moefx.layer import MoE
+from moefx.layer.moe import MoE
 from moefx.passes.canonicalize import canonicalize
 from moefx.passes.capture import _on_meta, _Tracer, inputs_to_run
 from moefx.passes.find_ffn import FFNMatch, find_regions
-from moefx.passes.ops import remove_dead_code
+from moefx.passes.graph.ops import remove_dead_code
 from moefx.passes.plan import Plan
 
 log = logging.getLogger(__name__)

@@ -24,9 +24,9 @@ from typing import Literal
 
 from torch import fx, nn
 
-from moefx.activations import ACTIVATIONS, make_activation
+from moefx.layer.activations import ACTIVATIONS, make_activation
 from moefx.passes import activation as activations
-from moefx.passes.ops import LAYOUT, TRANSPARENT, arg, module_scope, op_name, tensor_inputs
+from moefx.passes.graph.ops import LAYOUT, TRANSPARENT, arg, module_scope, op_name, tensor_inputs
 
 _DROPOUTS = frozenset({"dropout", "feature_dropout", "alpha_dropout"})
 

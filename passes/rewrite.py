@@ -8,7 +8,7 @@
     after (inline, see ``inline``): blocks.0 keeps its class, attributes and other submodules; its
     forward (torch.fx code now) calls ``blocks.0.w1_moe``, a new MoE submodule.
 
-Weights come from the dense FFN through an init strategy (``moefx.init``). Every reference to a
+Weights come from the dense FFN through an init strategy (``moefx.init.strategies``). Every reference to a
 replaced module is updated, so a module shared by several parents (ALBERT) becomes one shared MoE.
 """
 
@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from moefx.folded import Folded
-from moefx.layer import MoE
+from moefx.layer.folded import Folded
+from moefx.layer.moe import MoE
 from moefx.passes.find_ffn import FFNMatch
 from moefx.passes.inline import rewrite_inline, trace_parents
 from moefx.passes.plan import Plan
-from moefx.template import FFNTemplate
+from moefx.init.template import FFNTemplate
 
 
 class RewriteError(RuntimeError):

@@ -29,7 +29,7 @@ py="${PYTHON:-python3}"
 run_tests() {
   # -rs lists what was skipped and why: on a GPU nothing here should be skipped but TensorRT.
   "$py" -m pytest -q -rs -p no:cacheprovider tests/kernels/triton \
-    tests/runtime/test_offload.py::test_offloaded_on_cuda_equals_the_resident_model_on_cpu \
+    tests/offloading/test_offload.py::test_offloaded_on_cuda_equals_the_resident_model_on_cpu \
     tests/cli/test_export.py::test_tensorrt_export_matches_the_model 2>&1 | tee "$out/tests.log"
 }
 

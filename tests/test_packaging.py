@@ -26,7 +26,7 @@ def test_wheel_maps_top_level_folders_under_moefx(tmp_path):
     assert top == {"moefx", next(t for t in top if t.endswith(".dist-info"))}
     for package in ("passes", "kernels", "cli"):
         assert f"moefx/{package}/__init__.py" in names
-    assert "moefx/kernels/grouped_linear.py" in names
+    assert "moefx/kernels/ops/grouped_linear.py" in names and "moefx/layer/moe.py" in names
     (entry_points,) = [n for n in names if n.endswith("entry_points.txt")]
     assert "moefx = moefx.cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

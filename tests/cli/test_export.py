@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import moefx
-from moefx.lowering import ExportError, StaticShapeWarning
+from moefx.exporting import ExportError, StaticShapeWarning
 from tests.cli.helpers import EXAMPLES, moefx as run, write_model_file
 
 MOEFX_OPS = {"route", "plan_dispatch", "gather_grouped_linear", "grouped_linear_combine"}  # a local layer runs the fused ops

@@ -12,7 +12,7 @@ import moefx
 from moefx.cli.layer_graph import layer_graph
 from moefx.cli.views import Candidate, candidates, graph_table, module_tree
 from moefx.model import parameter_counts
-from moefx.model_file import load_model_file
+from moefx.artifact.model_file import load_model_file
 from tests.cli.helpers import EXAMPLES, moefx as run, write_model_file
 
 MOE_OPS = [  # a gated SiLU FFN (Llama); BERT's GELU FFN runs the same without swiglu
@@ -172,7 +172,7 @@ def test_layers_that_differ_are_grouped_apart():
     model = Stack()
     moefx.moefy(model, num_experts=2, top_k=1, every=2, example_inputs=(torch.randn(4, 8),))
     console = Console(record=True, width=200, color_system=None)
-    console.print(module_tree(model, candidates(moefx.record.conversions(model))))
+    console.print(module_tree(model, candidates(moefx.artifact.record.conversions(model))))
     text = console.export_text()
     assert "1, 3, 5 (×3) Block" in text, text
     assert "0, 2, …, 6 (×4) Block" in text, text

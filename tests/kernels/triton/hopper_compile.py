@@ -18,9 +18,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 
-from moefx.kernels.triton_grouped_linear import GROUP_M, _segment_matmul_kernel, _segment_outer_kernel
-from moefx.kernels.triton_route import _route_kernel
-from moefx.kernels.triton_tuning import TileConfig, matmul_candidates, outer_candidates
+from moefx.kernels.triton.grouped_linear import GROUP_M, _segment_matmul_kernel, _segment_outer_kernel
+from moefx.kernels.triton.route import _route_kernel
+from moefx.kernels.cuda.tuning import TileConfig, matmul_candidates, outer_candidates
 
 HOPPER = GPUTarget("cuda", 90, 32)
 SIZES = ("S", "N", "O", "I")  # the kernels' row and feature counts: multiples of 16 at the big shape

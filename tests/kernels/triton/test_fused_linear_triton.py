@@ -10,7 +10,7 @@ import torch
 triton = pytest.importorskip("triton", reason="the Triton kernels need triton (pip install 'moefx[triton]')")
 
 from moefx.kernels import reference  # noqa: E402
-from moefx.kernels.triton_fused_linear import (  # noqa: E402
+from moefx.kernels.triton.fused_linear import (  # noqa: E402
     gather_grouped_linear_backward,
     gather_grouped_linear_forward,
     grouped_linear_combine_backward,
@@ -156,7 +156,7 @@ def test_combine_backward_gives_one_input_gradient_alone_as_it_does_with_all(nee
 def test_row_dots_add_every_column_tile():
     """``segment_matmul_row_dots`` with N = 200 (four 64-wide column tiles, the last partial), a
     gather, a scale and dropped rows, against a float64 loop over the rows."""
-    from moefx.kernels.triton_grouped_linear import segment_matmul_row_dots
+    from moefx.kernels.triton.grouped_linear import segment_matmul_row_dots
 
     g = torch.Generator().manual_seed(3)
     T, K, N, E, sizes = 30, 24, 200, 3, [20, 0, 31]

@@ -10,8 +10,10 @@ pytest.importorskip("triton", reason="the Triton kernels need triton (pip instal
 if not hasattr(torch, "_grouped_mm"):
     pytest.skip("this torch has no torch._grouped_mm", allow_module_level=True)
 
-from moefx.kernels import grouped_linear_backends, grouped_mm_linear, reference  # noqa: E402
-from moefx.kernels.triton_tuning import ConfigCache  # noqa: E402
+from moefx.kernels import reference
+from moefx.kernels.cuda import backends as grouped_linear_backends
+from moefx.kernels.cuda import grouped_mm as grouped_mm_linear  # noqa: E402
+from moefx.kernels.cuda.tuning import ConfigCache  # noqa: E402
 
 # Rows per expert, then dropped rows at the end.
 SEGMENTS = {"uneven": ([5, 1, 9], 0), "zero-row-experts": ([0, 6, 0, 3], 0), "dropped-tail": ([4, 0, 5], 6),

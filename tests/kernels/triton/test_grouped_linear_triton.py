@@ -11,7 +11,7 @@ import torch
 triton = pytest.importorskip("triton", reason="the Triton kernels need triton (pip install 'moefx[triton]')")
 
 from moefx.kernels import reference  # noqa: E402
-from moefx.kernels.triton_grouped_linear import (  # noqa: E402
+from moefx.kernels.triton.grouped_linear import (  # noqa: E402
     grouped_linear_backward,
     grouped_linear_forward,
     row_tiles_bound,

@@ -1,4 +1,4 @@
-"""The op → Triton kernel table (``moefx.kernels.cuda_kernels``) wired end to end: a child
+"""The op → Triton kernel table (``moefx.kernels.cuda.registration``) wired end to end: a child
 process registers the Triton kernels for CPU tensors (the interpreter runs them) and trains a
 layer step through every op, fused and permuted, against the ops' default implementations; fp64
 goes to the default implementations."""
@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent("""
     import os
     os.environ["TRITON_INTERPRET"] = "1"
     import torch, moefx
-    from moefx.kernels import cuda_kernels
+    from moefx.kernels.cuda import registration as cuda_kernels
 
     assert cuda_kernels.register("cpu")
 
@@ -65,7 +65,7 @@ def test_registered_triton_kernels_train_the_layer_like_the_default_ops():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["dropless", "capacity"])
 def test_cuda_kernels_train_the_layer_like_the_default_ops(dtype, capacity_factor):
-    from moefx.kernels import cuda_kernels
+    from moefx.kernels.cuda import registration as cuda_kernels
 
     def step(layer, x, fused):
         layer.zero_grad()

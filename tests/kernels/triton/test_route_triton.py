@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernels need triton (pip install 'moefx[triton]')")
 
 import moefx.kernels  # noqa: E402,F401
-from moefx.kernels.triton_route import route  # noqa: E402
+from moefx.kernels.triton.route import route  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

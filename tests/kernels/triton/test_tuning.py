@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moefx.kernels.triton_tuning import ConfigCache, TileConfig, matmul_candidates, outer_candidates, rows_bucket
+from moefx.kernels.cuda.tuning import ConfigCache, TileConfig, matmul_candidates, outer_candidates, rows_bucket
 
 CANDIDATES = (TileConfig(32, 64, 32), TileConfig(64, 128, 64, 8), TileConfig(128, 128, 64, 8))
 

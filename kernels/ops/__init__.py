@@ -1,0 +1,1 @@
+"""One ``torch.library`` custom op per file (schema, fake, autograd, default implementation)."""

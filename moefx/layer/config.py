@@ -1,0 +1,183 @@
+"""``MoEConfig``: every option of a moefx MoE layer, frozen and validated on construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Callable
+
+from moefx.layer.activations import ACTIVATIONS
+
+GATES = ("topk", "switch", "gshard", "noisy_topk", "sigmoid")
+# (renormalize, softmax_first) of each gate: topk's are defaults, the others' are fixed by the method
+# (sigmoid's renormalize is a default too; it has no softmax, so softmax_first stays None).
+GATE_ROUTING = {
+    "topk": (True, True), "switch": (False, True), "gshard": (True, True), "noisy_topk": (True, False),
+    "sigmoid": (True, None),
+}
+GATE_FREE_OPTIONS = {"topk": ("renormalize", "softmax_first"), "sigmoid": ("renormalize",)}
+# Switch Transformer's default multiplicative input jitter.
+SWITCH_JITTER = 0.01
+
+
+def _require(ok: bool, field: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"MoEConfig.{field}={value!r} is invalid: {allowed}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """Options of one MoE layer.
+
+    Routing: ``gate`` picks the router. ``topk`` is token-choice top-k over a softmax, with
+    ``renormalize`` (divide the top-k weights by their sum; default True) and ``softmax_first``
+    (softmax over all experts before top-k, or over the k chosen logits after it; default True);
+    the other gates fix both (``GATE_ROUTING``) and refuse a value that contradicts them.
+    ``switch`` is top-1 with input jitter (``router_jitter``, default 0.01 for switch, 0
+    otherwise), ``gshard`` top-2 with the second expert kept at random in training with
+    probability 2·w2, ``noisy_topk`` adds learned Gaussian noise to the logits in training.
+    ``sigmoid`` is DeepSeek-V3's router: sigmoid scores, experts chosen on score + a per-expert
+    bias (the router's ``score_bias`` buffer), weighted by their scores (renormalised by default);
+    ``expert_groups`` splits the experts into equal groups and ``topk_groups`` limits each token to
+    the groups with the best top-2 score sums (node-limited routing); ``bias_update_rate`` is the
+    step of the auxiliary-loss-free balancing that ``moefx.update_routing_bias`` applies.
+    ``capacity_factor=None`` is dropless; a number caps
+    every expert at ``ceil(capacity_factor * tokens * top_k / num_experts)`` slots per forward.
+    ``routed_scale`` multiplies the routed experts' combined output (the ``split`` init sets it
+    to ``num_experts``). ``num_shared_experts`` adds always-on experts of ``d_hidden`` each.
+    ``feature_axis`` is the input's axis of ``d_model`` features: -1 (``..., D``), or 1 for the
+    channels-first input of 1x1 convolutions (``N, D, H, W``; moefy sets it).
+    """
+
+    d_model: int
+    d_hidden: int
+    num_experts: int
+    top_k: int = 2
+    activation: str | Callable = "silu"
+    gated: bool = True
+    bias: bool = False
+    gate: str = "topk"
+    renormalize: bool | None = None
+    softmax_first: bool | None = None
+    router_jitter: float | None = None
+    capacity_factor: float | None = None
+    load_balance_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    routed_scale: float = 1.0
+    num_shared_experts: int = 0
+    feature_axis: int = -1
+    expert_groups: int = 1
+    topk_groups: int | None = None
+    bias_update_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "d_hidden", "num_experts"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value >= 1, name, value, "must be an integer >= 1")
+        _require(
+            _is_int(self.top_k) and 1 <= self.top_k <= self.num_experts,
+            "top_k", self.top_k, f"must be an integer in [1, num_experts={self.num_experts}]",
+        )
+        for name in ("gated", "bias"):
+            value = getattr(self, name)
+            _require(isinstance(value, bool), name, value, "must be True or False")
+        _require(
+            callable(self.activation) or (isinstance(self.activation, str) and self.activation in ACTIVATIONS),
+            "activation", self.activation, f"must be one of {sorted(ACTIVATIONS)} or a row-wise callable",
+        )
+        _require(isinstance(self.gate, str) and self.gate in GATES, "gate", self.gate, f"must be one of {list(GATES)}")
+        self._resolve_routing()
+        if self.gate == "switch":
+            _require(self.top_k == 1, "top_k", self.top_k, "must be 1 for gate='switch'")
+        if self.gate == "gshard":
+            _require(self.top_k == 2, "top_k", self.top_k, "must be 2 for gate='gshard'")
+        if self.capacity_factor is not None:
+            _require(
+                _is_number(self.capacity_factor) and self.capacity_factor > 0,
+                "capacity_factor", self.capacity_factor, "must be None (dropless) or a number > 0",
+            )
+            ratio = Fraction(str(self.capacity_factor))
+            object.__setattr__(self, "_capacity_ratio", (ratio.numerator, ratio.denominator))
+        if self.router_jitter is not None:
+            _require(
+                _is_number(self.router_jitter) and 0 <= self.router_jitter < 1,
+                "router_jitter", self.router_jitter, "must be None (the gate's default) or a number in [0, 1)",
+            )
+        for name in ("load_balance_coef", "z_loss_coef"):
+            value = getattr(self, name)
+            _require(_is_number(value) and value >= 0, name, value, "must be a finite number >= 0")
+        _require(
+            _is_number(self.routed_scale) and self.routed_scale > 0, "routed_scale", self.routed_scale,
+            "must be a finite number > 0",
+        )
+        _require(
+            _is_int(self.num_shared_experts) and self.num_shared_experts >= 0,
+            "num_shared_experts", self.num_shared_experts, "must be an integer >= 0",
+        )
+        _require(
+            _is_int(self.feature_axis) and self.feature_axis in (-1, 1), "feature_axis", self.feature_axis,
+            "must be -1 (features last) or 1 (channels first)",
+        )
+        self._check_sigmoid_options()
+
+    def _check_sigmoid_options(self) -> None:
+        """Group-limited routing and the balancing bias belong to the sigmoid gate."""
+        _require(
+            _is_int(self.expert_groups) and self.expert_groups >= 1 and self.num_experts % self.expert_groups == 0,
+            "expert_groups", self.expert_groups, f"must be an integer >= 1 that divides num_experts={self.num_experts}",
+        )
+        if self.topk_groups is None:
+            object.__setattr__(self, "topk_groups", self.expert_groups)
+        _require(
+            _is_int(self.topk_groups) and 1 <= self.topk_groups <= self.expert_groups, "topk_groups", self.topk_groups,
+            f"must be None (every group) or an integer in [1, expert_groups={self.expert_groups}]",
+        )
+        reachable = self.topk_groups * (self.num_experts // self.expert_groups)
+        _require(
+            self.top_k <= reachable, "top_k", self.top_k,
+            f"must be at most the {reachable} experts of the topk_groups={self.topk_groups} groups a token may use",
+        )
+        _require(
+            _is_number(self.bias_update_rate) and self.bias_update_rate >= 0, "bias_update_rate",
+            self.bias_update_rate, "must be a finite number >= 0",
+        )
+        if self.gate != "sigmoid":
+            for name, off in (("expert_groups", 1), ("topk_groups", self.expert_groups), ("bias_update_rate", 0)):
+                _require(getattr(self, name) == off, name, getattr(self, name), "needs gate='sigmoid'")
+
+    def _resolve_routing(self) -> None:
+        """Fill ``renormalize``/``softmax_first`` from the gate; a gate fixes those it does not leave free."""
+        for name, implied in zip(("renormalize", "softmax_first"), GATE_ROUTING[self.gate]):
+            value = getattr(self, name)
+            if value is None:
+                object.__setattr__(self, name, implied)
+                continue
+            _require(isinstance(value, bool), name, value, "must be None (the gate's default), True or False")
+            if implied is None:
+                _require(False, name, value, f"gate={self.gate!r} has no softmax: leave {name} unset")
+            if name not in GATE_FREE_OPTIONS.get(self.gate, ()):
+                _require(value == implied, name, value, f"gate={self.gate!r} uses {name}={implied}")
+
+    @property
+    def jitter(self) -> float:
+        if self.router_jitter is not None:
+            return self.router_jitter
+        return SWITCH_JITTER if self.gate == "switch" else 0.0
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Slots each expert keeps per forward, or None when dropless."""
+        if self.capacity_factor is None:
+            return None
+        # Integer arithmetic on the factor as written (1.1 * 50 * 2 / 10 is 11, where floats give
+        # ceil(11.000000000000002) = 12); it also traces under torch.compile with symbolic tokens.
+        numerator, denominator = self._capacity_ratio
+        return -(-(numerator * num_tokens * self.top_k) // (denominator * self.num_experts))

@@ -1,0 +1,150 @@
+"""Saving and loading a model across ranks with ``torch.distributed.checkpoint`` (DCP).
+
+``moefx.save`` on more than one rank comes here: every rank calls it, each writes the shards
+it holds (an expert-parallel layer's experts as ``Shard(0)`` of a DTensor over the ``(dp, ep)``
+mesh; replicated tensors are written once), and DCP's Hugging Face writer consolidates them into
+safetensors files with an index, so the directory holds whole tensors:
+
+    out/
+      moefx.json                         as for a single-process save
+      model-00001-of-0000N.safetensors   full tensors, safetensors only (no pickle anywhere)
+      model.safetensors.index.json       tensor name → file
+      model-integer-tensors.safetensors  integer and bool tensors (position ids), written by rank 0
+
+``moefx.load`` into an expert-parallel model reads only this rank's slices, whatever EP size the
+checkpoint was saved at (DCP reshards); a single process reads the files whole. The directory is
+written atomically by rank 0 (a temporary directory, renamed at the end), so a save that dies
+midway leaves the previous checkpoint as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from moefx.artifact.atomic import atomic_directory, refuse_existing
+from moefx.parallel.all_to_all_dispatcher import AllToAllDispatcher
+from moefx.model import moe_layers, named_tensors
+from moefx.artifact.weight_files import INDEX, tensor_files
+
+MANIFEST = "moefx.json"
+PLAIN_WEIGHTS = "model-integer-tensors.safetensors"  # the tensors DCP cannot write (see _split)
+
+
+class CheckpointError(RuntimeError):
+    """A distributed save failed; raised on every rank, and nothing was written."""
+
+
+def save_distributed(model: nn.Module, out_dir: str | Path, tensors: dict[str, Tensor], manifest: dict, force: bool) -> Path:
+    """Every rank calls this, with ``out_dir`` on a filesystem they all see; returns when the
+    checkpoint is complete on disk, or raises on every rank."""
+    target = Path(out_dir).absolute()
+    state, plain = _split(_as_global(model, tensors))
+    if dist.get_rank() != 0:
+        tmp = _receive()
+        try:
+            dcp.save(state, storage_writer=dcp.HuggingFaceStorageWriter(tmp, save_distributed=True, enable_consolidation=True))
+        finally:
+            _receive()  # rank 0 always sends its outcome once the save is over: wait for it, even after a failure
+        return target
+    try:
+        refuse_existing(target, force, MANIFEST)
+    except FileExistsError as err:
+        _send(err)
+        raise
+    try:
+        with atomic_directory(target, force=force, marker=MANIFEST) as tmp:
+            _send(str(tmp))
+            writer = dcp.HuggingFaceStorageWriter(str(tmp), save_distributed=True, enable_consolidation=True)
+            dcp.save(state, storage_writer=writer)
+            shutil.rmtree(tmp / "sharded", ignore_errors=True)  # consolidated: the per-rank files are copies
+            if plain:
+                _write_plain(tmp, plain)
+            write_manifest(tmp, manifest)
+    except KeyboardInterrupt:
+        _send(CheckpointError(f"the checkpoint {target} was interrupted on rank 0; nothing written"))
+        raise
+    except BaseException as err:  # DCP's CheckpointException is a BaseException: every rank gets one error type
+        error = CheckpointError(f"the checkpoint {target} could not be written: {err}")
+        _send(error)
+        raise error from err
+    _send("done")
+    return target
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def load_distributed(model: nn.Module, out_dir: str | Path, tensors: dict[str, Tensor]) -> None:
+    """Fill ``tensors`` (the model's own, by name) in place with this rank's part of the checkpoint."""
+    state, plain = _split(_as_global(model, tensors))
+    files = tensor_files(Path(out_dir))
+    missing = sorted(plain.keys() - files.keys())
+    if missing:  # checked before anything is filled in
+        raise CheckpointError(f"{out_dir} lacks the model's tensors {missing[:5]}: pass the model it was saved from")
+    dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(out_dir)))
+    for name, tensor in plain.items():
+        with safe_open(files[name], framework="pt") as f:
+            tensor.copy_(f.get_tensor(name))
+
+
+def _split(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """DCP's tensors, and the integer and bool ones (position ids, say), which its Hugging Face
+    writer cannot consolidate (it asks torch.finfo for every dtype). Those are never expert shards:
+    rank 0 writes them to a file of their own."""
+    plain = {n: t for n, t in state.items() if not isinstance(t, DTensor) and not (t.is_floating_point() or t.is_complex())}
+    return {n: t for n, t in state.items() if n not in plain}, plain
+
+
+def _write_plain(directory: Path, plain: dict[str, Tensor]) -> None:
+    save_file({n: t.contiguous() for n, t in plain.items()}, directory / PLAIN_WEIGHTS, metadata={"format": "pt"})
+    index = json.loads((directory / INDEX).read_text())
+    index["weight_map"].update(dict.fromkeys(plain, PLAIN_WEIGHTS))
+    (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def is_expert_parallel(model: nn.Module) -> bool:
+    return any(isinstance(layer.dispatcher, AllToAllDispatcher) for _, layer in moe_layers(model))
+
+
+def _as_global(model: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Expert shards as DTensors over their mesh (sharing this rank's storage); the rest as is."""
+    meshes = {}
+    for _, layer in moe_layers(model):
+        if isinstance(layer.dispatcher, AllToAllDispatcher):
+            for param in layer.experts.parameters(recurse=False):
+                meshes[id(param)] = layer.dispatcher.mesh
+    named = dict(named_tensors(model))
+    state = {}
+    for name, tensor in tensors.items():
+        mesh = meshes.get(id(named.get(name)))
+        if mesh is None:
+            state[name] = tensor
+            continue
+        placements = [Shard(0) if dim == "ep" else Replicate() for dim in mesh.mesh_dim_names]  # dp: same experts
+        global_shape = (tensor.shape[0] * mesh["ep"].size(), *tensor.shape[1:])
+        state[name] = DTensor.from_local(tensor, mesh, placements, run_check=False, shape=torch.Size(global_shape),
+                                         stride=torch.empty(global_shape, device="meta").stride())
+    return state
+
+
+def _send(value) -> None:
+    dist.broadcast_object_list([value], src=0)
+
+
+def _receive():
+    box = [None]
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]

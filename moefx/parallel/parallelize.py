@@ -1,0 +1,146 @@
+"""Expert parallelism: ``moefx.parallelize(model, mesh)`` shards every MoE layer's experts over the
+mesh's ``ep`` dimension and replaces its dispatcher with the all-to-all one.
+
+The mesh is ``(dp, ep)`` (``expert_parallel_mesh`` builds it): the ``ep`` ranks of one row
+exchange tokens and together hold all E experts, E/ep each; the ``dp`` ranks of one column hold
+the same experts. Gradients, for the average of every rank's loss (what DDP gives the rest):
+
+- non-expert parameters (router, attention, norms, ...) are replicated: DDP over all ranks
+  averages them. ``parallelize`` wraps the model in DDP, with the expert parameters left out,
+  unless ``data_parallel=False`` (then bring your own, e.g. FSDP2's ``fully_shard`` over the
+  world for the rest, with ``ignored_params=expert_parameters(model)``; examples/train_ep.py
+  ``--fsdp`` does it, and its losses equal DDP's).
+- expert parameters: rank (d, j) holds experts of column j; its backward already sums the
+  gradient from the tokens of every rank of row d (they came through the all-to-all). A hook on
+  each expert parameter sums that over the ``dp`` ranks and divides by the world size.
+"""
+
+from __future__ import annotations
+
+from itertools import zip_longest
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.nn.parallel import DistributedDataParallel
+
+from moefx.parallel.all_to_all_dispatcher import AllToAllDispatcher
+from moefx.layer.moe import MoE
+from moefx.model import moe_layers
+
+EXPERT_PARAMETERS = ("in_proj", "out_proj", "in_bias", "out_bias")  # of GroupedExperts, stacked [E, ...]
+
+
+def expert_parallel_mesh(ep_size: int, dp_size: int | None = None, device_type: str | None = None) -> DeviceMesh:
+    """A ``(dp, ep)`` mesh over the default process group; ``dp_size`` defaults to world / ep."""
+    world = dist.get_world_size()
+    if ep_size < 1 or world % ep_size:
+        raise ValueError(f"ep_size={ep_size} must divide the world size {world}")
+    dp_size = world // ep_size if dp_size is None else dp_size
+    if dp_size * ep_size != world:
+        raise ValueError(f"dp_size={dp_size} x ep_size={ep_size} = {dp_size * ep_size}, not the world size {world}")
+    device_type = device_type or ("cuda" if dist.get_backend() == "nccl" else "cpu")
+    return init_device_mesh(device_type, (dp_size, ep_size), mesh_dim_names=("dp", "ep"))
+
+
+def parallelize(model: nn.Module, mesh: DeviceMesh, *, data_parallel: bool = True) -> nn.Module:
+    """Shard ``model``'s experts over ``mesh["ep"]`` in place; returns the model, in DDP when
+    ``data_parallel`` and there is more than one rank. Every rank must call it."""
+    if not dist.is_initialized():
+        raise RuntimeError("moefx.parallelize needs torch.distributed: launch with torchrun and call "
+                           "torch.distributed.init_process_group() first")
+    names = mesh.mesh_dim_names or ()
+    if "ep" not in names or not set(names) <= {"dp", "ep"}:
+        raise ValueError(
+            f"the mesh's dimensions must be 'ep' and optionally 'dp' (it has {names}); build it with "
+            "moefx.expert_parallel_mesh"
+        )
+    world = dist.get_world_size()
+    if mesh.size() != world:
+        raise ValueError(f"the mesh has {mesh.size()} ranks but the world has {world}: it must span every rank")
+    layers = list(moe_layers(model))
+    _check_same_on_every_rank(model, layers, mesh)  # a collective: past it, every rank decides alike
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no MoE layer to parallelize: convert it with moefx.moefy first")
+    ep_mesh = mesh["ep"]
+    ep_size, ep_rank = ep_mesh.size(), ep_mesh.get_local_rank()
+    for path, layer in layers:
+        if isinstance(layer.dispatcher, AllToAllDispatcher):
+            raise ValueError(f"{path} is already expert-parallel: call moefx.parallelize once")
+        if layer.config.num_experts % ep_size:
+            raise ValueError(
+                f"{path} has num_experts={layer.config.num_experts}, which the EP size {ep_size} does not divide: "
+                f"choose an ep_size among the divisors of {layer.config.num_experts}"
+            )
+    dp_group = mesh["dp"].get_group() if "dp" in names and mesh["dp"].size() > 1 else None
+    for _, layer in layers:
+        if ep_size > 1:
+            _keep_local_experts(layer, ep_rank, ep_size)
+            layer.dispatcher = AllToAllDispatcher(mesh, layer.config.num_experts)
+        for name in EXPERT_PARAMETERS:
+            param = getattr(layer.experts, name)
+            if param is not None and param.requires_grad:
+                param.register_hook(_expert_gradient_hook(world, dp_group))
+    if not data_parallel or world == 1:
+        return model
+    expert_names = [f"{path}.experts.{name}" for path, layer in layers for name in EXPERT_PARAMETERS
+                    if getattr(layer.experts, name) is not None]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_names)
+    device = next(model.parameters()).device
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def expert_parameters(model: nn.Module) -> set[nn.Parameter]:
+    """Every MoE layer's expert weights: after ``parallelize`` they are sharded over ``ep`` and
+    their gradients synchronised by its hooks, so a data-parallel wrapper must leave them out
+    (FSDP2: ``fully_shard(block, mesh=world_mesh, ignored_params=expert_parameters(model))``)."""
+    return {param for _, layer in moe_layers(model) for name in EXPERT_PARAMETERS
+            if (param := getattr(layer.experts, name)) is not None}
+
+
+def _keep_local_experts(layer: MoE, ep_rank: int, ep_size: int) -> None:
+    local = layer.config.num_experts // ep_size
+    lo, hi = ep_rank * local, (ep_rank + 1) * local
+    for name in EXPERT_PARAMETERS:
+        param = getattr(layer.experts, name)
+        if param is not None:
+            setattr(layer.experts, name, nn.Parameter(param.detach()[lo:hi].clone(), requires_grad=param.requires_grad))
+
+
+def _expert_gradient_hook(world: int, dp_group):
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        if dp_group is not None:
+            grad = grad.clone()
+            dist.all_reduce(grad, group=dp_group)
+        return grad / world
+    return hook
+
+
+def _check_same_on_every_rank(model: nn.Module, layers, mesh: DeviceMesh) -> None:
+    """Ranks whose models or meshes differ would deadlock in the first all-to-all: compare them
+    first (one all_gather_object) and raise on every rank, naming the difference."""
+    mine = {
+        "mesh": (tuple(mesh.mesh.shape), mesh.mesh_dim_names),
+        "layers": [
+            (path, layer.config.num_experts, layer.config.top_k, layer.config.d_model, layer.config.d_hidden,
+             layer.config.capacity_factor, layer.config.gate)
+            for path, layer in layers
+        ],
+    }
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    first = everyone[0]
+    for rank, theirs in enumerate(everyone):
+        if theirs["mesh"] != first["mesh"]:
+            raise ValueError(
+                f"ranks differ in their device mesh: rank {rank} has (shape, names) {theirs['mesh']} where rank 0 has "
+                f"{first['mesh']}; build the same mesh on every rank"
+            )
+        difference = next(((a, b) for a, b in zip_longest(theirs["layers"], first["layers"]) if a != b), None)
+        if difference is not None:
+            raise ValueError(
+                f"ranks differ in their MoE layers (path, num_experts, top_k, d_model, d_hidden, capacity_factor, "
+                f"gate): rank {rank} has {difference[0]} where rank 0 has {difference[1]}; every rank must convert the "
+                "same model with the same options"
+            )

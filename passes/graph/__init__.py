@@ -1,0 +1,1 @@
+"""Graph helpers the passes share: op tables, the linear normal form, dominance, the feature axis."""
