@@ -1,4 +1,4 @@
-"""The ``moefx`` command and its rich views, installed as ``moefx.cli`` (arrives with the CLI issue)."""
+"""The ``moefx`` command (convert, inspect, export, bench) and its rich views, installed as ``moefx.cli``."""
 
 if __name__ != "moefx.cli":  # imported as a bare `cli` from the repository root: not ours (see that file)
     import runpy as _runpy

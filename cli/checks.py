@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from moefx.passes.options import ConversionOptions
 
 
 class CLIError(Exception):
@@ -12,20 +16,6 @@ class CLIError(Exception):
     def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
         self.code = code
-
-
-def check_conversion_options(args: argparse.Namespace) -> None:
-    """The limits argparse's types cannot express, as usage errors; fills the gate's default top-k."""
-    if args.top_k is None:  # Switch routes each token to one expert; every other gate defaults to 2
-        args.top_k = 1 if args.gate == "switch" else 2
-    if args.experts < 2:
-        raise CLIError(f"--experts {args.experts} is too small: an MoE layer needs at least 2 experts", code=2)
-    if not 1 <= args.top_k <= args.experts:
-        raise CLIError(f"--top-k {args.top_k} must be between 1 and --experts ({args.experts})", code=2)
-    if args.capacity_factor is not None and not args.capacity_factor > 0:
-        raise CLIError(f"--capacity-factor {args.capacity_factor} must be > 0 (leave it out for dropless routing)", code=2)
-    if args.every < 1:
-        raise CLIError(f"--every {args.every} must be >= 1 (1 converts every FFN)", code=2)
 
 
 def check_model_file(path: str) -> Path:
@@ -38,19 +28,37 @@ def check_model_file(path: str) -> Path:
     return Path(path)
 
 
-def options_from_args(args: argparse.Namespace) -> dict:
-    """moefy's options from the command's, checked before any work (a bad combination, such as
-    ``--gate switch`` with ``--top-k 2``, is a usage error)."""
-    from moefx.passes.driver import conversion_options
+def options_from_args(args: argparse.Namespace) -> ConversionOptions:
+    """moefy's options from the command's, checked before any work: a bad value, or a bad
+    combination such as ``--gate switch`` with ``--top-k 2``, is a usage error that names the flag
+    where the command has its own words. Fills the gate's default top-k into ``args``."""
+    from moefx.passes.options import ConversionOptions, InvalidOption
 
+    if args.top_k is None:  # Switch routes each token to one expert; every other gate defaults to 2
+        args.top_k = 1 if args.gate == "switch" else 2
     try:
-        return conversion_options(
+        return ConversionOptions(
             num_experts=args.experts, top_k=args.top_k, init=args.init, gate=args.gate,
             capacity_factor=args.capacity_factor, include=args.include, exclude=args.exclude, every=args.every,
-            **_sigmoid_options(args),
+            moe_options=_sigmoid_options(args),
         )
+    except InvalidOption as err:
+        words = _OUT_OF_RANGE.get(err.field) if err.bounds is not None else None
+        raise CLIError(words(err.value, *err.bounds) if words else str(err), code=2) from err
     except ValueError as err:
         raise CLIError(str(err), code=2) from err
+
+
+# The command's words for a value out of its range, by field; the limits are the options' own (the
+# error's bounds). Other bad values are reported in the options' words.
+_OUT_OF_RANGE = {
+    "num_experts": lambda value, low, high: (
+        f"--experts {value} is too small: an MoE layer needs at least {low} experts"),
+    "top_k": lambda value, low, high: f"--top-k {value} must be between {low} and --experts ({high})",
+    "capacity_factor": lambda value, low, high: (
+        f"--capacity-factor {value} must be > {low} (leave it out for dropless routing)"),
+    "every": lambda value, low, high: f"--every {value} must be >= {low} (1 converts every FFN)",
+}
 
 
 def _sigmoid_options(args: argparse.Namespace) -> dict:

@@ -4,23 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 from contextlib import contextmanager
 from copy import deepcopy
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from moefx.artifact.save_load import MANIFEST, read_manifest, save
 from moefx.artifact.atomic import refuse_existing
-from moefx.cli.checks import CLIError, check_conversion_options, check_model_file, options_from_args
+from moefx.artifact.format import MANIFEST, read_manifest
+from moefx.artifact.model_file import ModelFile, ModelFileError, load_model_file
+from moefx.artifact.save import save
+from moefx.cli.checks import CLIError, check_model_file, options_from_args
 from moefx.cli.views import count_text, make_console, summary_table
 from moefx.model import expert_size, moe_layers, parameter_counts
-from moefx.artifact.model_file import ModelFile, ModelFileError, load_model_file
 from moefx.passes.capture import CaptureError
-from moefx.passes.driver import NoFFNFound, convert_found, search
+from moefx.passes.driver import ConversionOptions, NoFFNFound, convert_found, search
 from moefx.passes.rewrite import RewriteError
 
 STAGES = {"load": "loading the model file", "capture": "capturing the graph", "match": "matching FFNs",
@@ -28,7 +29,7 @@ STAGES = {"load": "loading the model file", "capture": "capturing the graph", "m
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    check_conversion_options(args)
+    options = options_from_args(args)
     file = check_model_file(args.model_py)
     out = Path(args.out or f"{file.stem}-moefx")
     if not args.dry_run:
@@ -36,7 +37,6 @@ def run_convert(args: argparse.Namespace) -> int:
             refuse_existing(out.absolute(), args.force, marker=MANIFEST)
         except FileExistsError as err:
             raise CLIError(str(err), code=2) from None
-    options = options_from_args(args)
     with _progress(enabled=not args.json) as stage:
         stage("load")
         built = _load(file, args.entry)
@@ -112,7 +112,7 @@ def _first_failure(err: CaptureError) -> str:
     return lines[1].strip() if len(lines) > 1 else lines[0]
 
 
-def _dry_run(model, found, options: dict, inputs, kwargs, stage):
+def _dry_run(model, found, options: ConversionOptions, inputs, kwargs, stage):
     """The conversion done on a copy of ``model`` whose tensors are on the meta device: what
     converts and the parameter counts after, with no memory for weights, the model untouched and
     nothing written. Returns ``(conversion, counts after, the converted copy)``."""

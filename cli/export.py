@@ -15,14 +15,15 @@ from pathlib import Path
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
-from moefx.artifact.save_load import ArtifactError, load, read_manifest, recorded_model_file
+from moefx.artifact.format import ArtifactError, read_manifest
+from moefx.artifact.load import load, recorded_model_file
+from moefx.artifact.model_file import ModelFileError, load_model_file
 from moefx.cli.checks import CLIError
 from moefx.cli.convert import cast_inputs
 from moefx.cli.views import make_console, summary_table
-from moefx.exporting import ExportError, StaticShapeWarning, is_token_input, export
-from moefx.artifact.model_file import ModelFileError, load_model_file
+from moefx.exporting import ExportError, StaticShapeWarning, export, is_token_input
 from moefx.passes.capture import CaptureError
-from moefx.artifact.record import Conversion, inputs_from_spec
+from moefx.passes.record import Conversion, inputs_from_spec
 
 DEFAULT_NAMES = {"pt2": "model.pt2", "aoti": "model.aoti.pt2", "tensorrt": "model.trt.pt2"}
 

@@ -11,16 +11,17 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from moefx.artifact.save_load import ArtifactError, load
-from moefx.cli.checks import CLIError, check_conversion_options, options_from_args
+from moefx.artifact.format import ArtifactError
+from moefx.artifact.load import load
+from moefx.artifact.model_file import ModelFileError, load_model_file
+from moefx.cli.checks import CLIError, options_from_args
 from moefx.cli.layer_graph import layer_graph
 from moefx.cli.views import Candidate, candidates, graph_table, inspect_summary, make_console, module_tree
 from moefx.model import expert_size, moe_layers, parameter_counts
-from moefx.artifact.model_file import ModelFileError, load_model_file
 from moefx.passes.capture import CaptureError
-from moefx.passes.driver import convert_found, search
+from moefx.passes.driver import ConversionOptions, convert_found, search
+from moefx.passes.record import Conversion, add_conversion, conversions, model_source
 from moefx.passes.rewrite import RewriteError
-from moefx.artifact.record import Conversion, add_conversion, conversions, model_source
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -34,7 +35,6 @@ def run_inspect(args: argparse.Namespace) -> int:
         model, source = _from_output(target), str(target.absolute())
         before, origin = None, _output_origin(model, target)
     elif target.is_file():
-        check_conversion_options(args)
         options = options_from_args(args)
         model, before, entry = _from_model_file(target, args, options)
         origin = {"kind": "model file", "file": target.name, "entry": entry, "description": f"{target.name}:{entry}"}
@@ -85,7 +85,7 @@ def _summary(model, found: list[Candidate], layers, source: dict, before: int | 
     return {
         "model": type(model).__name__,
         "source": source,
-        "options": next((dict(c.options) for c in reversed(recorded) if c.converted), None),
+        "options": next((c.options.as_dict() for c in reversed(recorded) if c.converted), None),
         "ffns": {"found": status.count("converted") + status.count("skipped"), "converted": status.count("converted"),
                  "skipped": status.count("skipped"), "rejected": status.count("rejected")},
         "moe_layers": len(layers),
@@ -119,7 +119,7 @@ def _from_output(out_dir: Path):
         raise CLIError(f"cannot load {out_dir}: {err}") from err
 
 
-def _from_model_file(file: Path, args: argparse.Namespace, options: dict):
+def _from_model_file(file: Path, args: argparse.Namespace, options: ConversionOptions):
     """The model converted in memory with the command's options (nothing is written), its
     parameter count before conversion, and the builder's name."""
     try:
@@ -128,7 +128,7 @@ def _from_model_file(file: Path, args: argparse.Namespace, options: dict):
         before = parameter_counts(model).total
         found = search(model, built.example_args, built.example_kwargs)
         if not found.matches:  # nothing converts; still show what was rejected
-            add_conversion(model, Conversion({}, (), rejected=tuple((r.path, r.reason) for r in found.rejected)))
+            add_conversion(model, Conversion(options, (), rejected=tuple((r.path, r.reason) for r in found.rejected)))
             return model, before, built.entry
         convert_found(model, found, options, example_inputs=built.example_args, example_kwargs=built.example_kwargs)
     except (ModelFileError, CaptureError, RewriteError, ValueError) as err:

@@ -14,9 +14,9 @@ import sys
 import traceback
 
 from moefx.cli.checks import CLIError
-from moefx.layer.config import GATES
-from moefx.init.strategies import INIT_STRATEGIES
 from moefx.exporting import FORMATS
+from moefx.init.strategies import INIT_STRATEGIES
+from moefx.layer.config import GATES
 
 DTYPES = ("float32", "float16", "bfloat16")
 

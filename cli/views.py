@@ -19,7 +19,7 @@ from torch import nn
 from moefx.cli.layer_graph import GraphStep
 from moefx.layer.folded import Folded
 from moefx.layer.moe import MoE
-from moefx.artifact.record import Conversion
+from moefx.passes.record import Conversion
 
 _STATUS_STYLE = {"converted": "green", "skipped": "yellow", "rejected": "red"}
 

@@ -1,22 +1,22 @@
 """moefx: turn the feed-forward blocks of any PyTorch model into Mixture-of-Experts layers.
 
-Public API (see DESIGN.md): ``moefy``, ``find_ffns``, ``MoE``, ``MoEConfig``, ``FFNTemplate``, ``moe_layers``,
-``aux_loss``, ``update_routing_bias``, ``save``, ``load``, ``parallelize``, ``expert_parallel_mesh``, ``offload``,
-``offload_stats``, ``export``.
+Public API (README.md; the code's layout: docs/ARCHITECTURE.md): ``moefy``, ``find_ffns``, ``MoE``,
+``MoEConfig``, ``FFNTemplate``, ``moe_layers``, ``aux_loss``, ``update_routing_bias``, ``save``, ``load``,
+``parallelize``, ``expert_parallel_mesh``, ``offload``, ``offload_stats``, ``export``.
 """
 
+from moefx.artifact.load import load
+from moefx.artifact.save import save
+from moefx.exporting import export
+from moefx.init.template import FFNTemplate
 from moefx.layer.config import MoEConfig
 from moefx.layer.moe import MoE, MoEStats
 from moefx.model import aux_loss, moe_layers, update_routing_bias
-from moefx.init.template import FFNTemplate
-from moefx.passes.driver import NoFFNFound, find_ffns, moefy  # noqa: E402  (needs the runtime above)
-from moefx.passes.find_ffn import FFNMatch
-from moefx.artifact.save_load import load, save
-from moefx.parallel.parallelize import expert_parallel_mesh, parallelize
 from moefx.offloading.offload import OffloadStats, offload, offload_stats
-from moefx.exporting import export
-
-__version__ = "0.1.0"
+from moefx.parallel.parallelize import expert_parallel_mesh, parallelize
+from moefx.passes.driver import NoFFNFound, find_ffns, moefy
+from moefx.passes.find_ffn import FFNMatch
+from moefx.version import __version__
 
 __all__ = [
     "FFNMatch", "FFNTemplate", "MoE", "MoEConfig", "MoEStats", "NoFFNFound", "aux_loss", "find_ffns", "moe_layers",

@@ -34,9 +34,9 @@ import torch
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from moefx.passes.forward_override import forward_override
 from moefx.kernels import FORWARD_OPS
-from moefx.offloading.experts import is_offloaded
+from moefx.model import is_offloaded
+from moefx.passes.forward_override import forward_override
 
 FORMATS = ("pt2", "aoti", "tensorrt")
 # Left to PyTorch by TensorRT: its converters do not know them (a plugin per op would be the next step).

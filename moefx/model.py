@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +16,16 @@ def moe_layers(model: nn.Module) -> Iterator[tuple[str, MoE]]:
     for name, module in model.named_modules():
         if isinstance(module, MoE):
             yield name, module
+
+
+def is_expert_parallel(model: nn.Module) -> bool:
+    """Whether ``moefx.parallelize`` sharded ``model``'s experts over a mesh (a dispatcher with a ``mesh``)."""
+    return any(layer.dispatcher.mesh is not None for _, layer in moe_layers(model))
+
+
+def is_offloaded(model: nn.Module) -> bool:
+    """Whether ``moefx.offload`` made ``model``'s experts stream (it then holds only some of them)."""
+    return any(not layer.experts.resident for _, layer in moe_layers(model))
 
 
 def named_tensors(model: nn.Module) -> list[tuple[str, Tensor]]:

@@ -18,8 +18,8 @@ with the weight as stored (``[out, in]``) or transposed (``[in, out]``, or read 
 ``t``/``transpose``/``permute``); and a pointwise (1x1, stride 1, one group) convolution, a
 linear over axis 1 of its channels-first input (``channels_first=True``). Activations and no-ops
 stay as they are: ``ops`` classifies them (pointwise ops are one class; dropout, identity and
-casts are transparent) and ``activation`` names an activation when a match needs it. The graph
-still computes what the model computes.
+casts are transparent), and ``find_ffn`` names an activation (``moefx.layer.activations``) when a
+match needs it. The graph still computes what the model computes.
 """
 
 from __future__ import annotations

@@ -26,15 +26,16 @@ import os
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import fx, nn
 
-from moefx.passes.forward_override import forward_override
 from moefx.layer.moe import MoE
+from moefx.passes.forward_override import forward_override
 
 log = logging.getLogger(__name__)
+_THIS_FILE = os.path.realpath(__file__)  # its frames are moefx's, not the construct that failed
 
 
 class CaptureError(RuntimeError):
@@ -54,6 +55,18 @@ class _Tracer(fx.Tracer):
         return isinstance(m, MoE) or super().is_leaf_module(m, qualname)
 
 
+def trace_graph(module: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+    """``module``'s forward as torch.fx traces it symbolically, moefx layers kept whole (calls of
+    them); ``concrete_args`` fixes those arguments, as in ``fx.Tracer.trace``."""
+    return _Tracer().trace(module, concrete_args=concrete_args)
+
+
+def on_meta(module: nn.Module) -> bool:
+    """Whether ``module``'s parameters are on the meta device (no values: shapes only)."""
+    param = next(module.parameters(), None)
+    return param is not None and param.device.type == "meta"
+
+
 def capture(model: nn.Module, example_inputs: tuple | None = None, example_kwargs: dict | None = None) -> Captured:
     """The model's graph, for analysis; the model itself is left as it was."""
     if example_inputs is not None and not isinstance(example_inputs, tuple):
@@ -63,7 +76,7 @@ def capture(model: nn.Module, example_inputs: tuple | None = None, example_kwarg
     for attempt in attempts:
         try:
             captured = attempt(model, example_inputs or (), example_kwargs or {})
-        except Exception as err:  # noqa: BLE001  (every failure is reported below)
+        except Exception as err:
             log.debug("capture by %s failed", attempt.__name__, exc_info=True)
             failures.append(f"{attempt.__name__.lstrip('_')} failed at {_failing_frame(err)}: {_first_line(err)}")
             if attempt is _export:
@@ -91,7 +104,7 @@ def capture(model: nn.Module, example_inputs: tuple | None = None, example_kwarg
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
-    if _on_meta(model):
+    if on_meta(model):
         args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
     was_training = model.training
     model.eval()
@@ -125,9 +138,9 @@ def _check_the_model_runs(model: nn.Module, args: tuple, kwargs: dict) -> None:
     try:
         with torch.no_grad():
             model(*args, **kwargs)
-    except Exception as err:  # noqa: BLE001  (any failure of the forward itself)
-        frame = _failing_frame(err)
-        where = "" if os.path.join("passes", "capture.py") in frame else f" at {frame}"  # in torch's own modules
+    except Exception as err:
+        frame = _innermost_frame(err)  # only this file's own left: it failed in torch's modules
+        where = "" if frame is not None and _in_this_file(frame) else f" at {_failing_frame(err)}"
         raise CaptureError(
             f"{type(model).__name__} fails on the example inputs: model(*example_inputs, **example_kwargs) raised "
             f"{_first_line(err)}{where}; pass inputs its forward accepts"
@@ -139,7 +152,7 @@ def _check_the_model_runs(model: nn.Module, args: tuple, kwargs: dict) -> None:
 def inputs_to_run(model: nn.Module, args, kwargs):
     """The example inputs to run ``model`` on: on meta for a meta model, else copies, so a forward
     that updates its input in place leaves the caller's inputs as they were."""
-    to_meta_or_copy = (lambda t: t.to("meta")) if _on_meta(model) else torch.clone
+    to_meta_or_copy = (lambda t: t.to("meta")) if on_meta(model) else torch.clone
     return torch.utils._pytree.tree_map_only(torch.Tensor, to_meta_or_copy, (args, kwargs))
 
 
@@ -156,13 +169,8 @@ def _output_tensors(output) -> tuple[torch.Tensor, ...]:
 
 
 def _symbolic_trace(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
-    graph = _Tracer().trace(model)
+    graph = trace_graph(model)
     return Captured(fx.GraphModule(model, graph, type(model).__name__), "symbolic_trace")
-
-
-def _on_meta(model: nn.Module) -> bool:
-    param = next(model.parameters(), None)
-    return param is not None and param.device.type == "meta"
 
 
 def _first_line(err: Exception) -> str:
@@ -171,11 +179,20 @@ def _first_line(err: Exception) -> str:
 
 
 def _failing_frame(err: Exception) -> str:
-    """The innermost frame outside torch: the user's construct that failed."""
+    """The innermost frame outside torch, in words: the user's construct that failed."""
+    f = _innermost_frame(err)
+    if f is None:
+        return "torch internals"
+    return f"{f.filename}:{f.lineno} in {f.name} ({(f.line or '').strip()})"
+
+
+def _innermost_frame(err: Exception) -> traceback.FrameSummary | None:
+    """The innermost frame outside torch and outside this file (this file's own when only it is left)."""
     torch_dir = os.path.dirname(torch.__file__)
     frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith(torch_dir)]
-    frames = [f for f in frames if not f.filename.endswith(os.path.join("passes", "capture.py"))] or frames
-    if not frames:
-        return "torch internals"
-    f = frames[-1]
-    return f"{f.filename}:{f.lineno} in {f.name} ({(f.line or '').strip()})"
+    frames = [f for f in frames if not _in_this_file(f)] or frames
+    return frames[-1] if frames else None
+
+
+def _in_this_file(frame: traceback.FrameSummary) -> bool:
+    return os.path.realpath(frame.filename) == _THIS_FILE

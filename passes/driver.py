@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
-from moefx.layer.config import MoEConfig
-from moefx.init.strategies import INIT_STRATEGIES, SPLIT_METHODS
 from moefx.model import moe_layers
-from moefx.artifact.record import Conversion, ConvertedFFN, UnrecordableInput, add_conversion, input_spec
 from moefx.passes.canonicalize import canonicalize
 from moefx.passes.capture import capture
 from moefx.passes.find_ffn import FFNMatch, FFNSearch, find_ffn
+from moefx.passes.options import ConversionOptions
 from moefx.passes.plan import plan
+from moefx.passes.record import Conversion, ConvertedFFN, UnrecordableInput, add_conversion, input_spec
 from moefx.passes.rewrite import rewrite
 
 log = logging.getLogger(__name__)
@@ -55,7 +54,7 @@ def moefy(
     A model that is already converted is returned unchanged. Raises ``NoFFNFound`` (with every
     rejected candidate's reason) when there is nothing to convert, and ``ValueError`` when
     ``include``/``exclude``/``every`` leave nothing. What was done is recorded on the model
-    (``moefx.artifact.record``) for ``moefx.save``.
+    (``moefx.passes.record``) for ``moefx.save``.
     """
     options = conversion_options(
         num_experts=num_experts, top_k=top_k, init=init, gate=gate, capacity_factor=capacity_factor, include=include,
@@ -72,41 +71,29 @@ def moefy(
 def conversion_options(
     *, num_experts: int, top_k: int, init: str = "upcycle", gate: str = "topk", capacity_factor=None, include=None,
     exclude=None, every: int = 1, drop_fraction: float = 0.5, split_by: str = "contiguous", **moe_options,
-) -> dict:
-    """moefy's options, checked (a bad value raises ``ValueError`` naming it) before any work."""
-    if init not in INIT_STRATEGIES:
-        raise ValueError(f"init={init!r} is unknown: must be one of {list(INIT_STRATEGIES)}")
-    if split_by not in SPLIT_METHODS:
-        raise ValueError(f"split_by={split_by!r} is unknown: must be one of {list(SPLIT_METHODS)}")
-    if "feature_axis" in moe_options:
-        raise ValueError("feature_axis is not an option of moefy: it is read from each FFN (1 for 1x1 convolutions)")
-    from_ffn = sorted(moe_options.keys() & {"d_model", "d_hidden", "activation", "gated", "bias"})
-    if from_ffn:
-        raise ValueError(f"{', '.join(from_ffn)}: not options of moefy; each MoE takes them from the FFN it replaces")
-    if not (isinstance(num_experts, int) and num_experts >= 2):
-        raise ValueError(f"num_experts={num_experts!r} is invalid: an MoE layer needs an integer >= 2 experts")
-    MoEConfig(d_model=1, d_hidden=1, num_experts=num_experts, top_k=top_k, gate=gate, capacity_factor=capacity_factor,
-              **moe_options)
-    plan([], include=include, exclude=exclude, every=every)
-    return dict(
-        num_experts=num_experts, top_k=top_k, init=init, gate=gate, capacity_factor=capacity_factor,
-        include=include, exclude=exclude, every=every, drop_fraction=drop_fraction, split_by=split_by, **moe_options,
+) -> ConversionOptions:
+    """moefy's options as a ``ConversionOptions``, from moefy's keywords (checked: a bad value raises
+    ``ValueError`` naming it) before any work."""
+    return ConversionOptions(
+        num_experts=num_experts, top_k=top_k, init=init, gate=gate, capacity_factor=capacity_factor, include=include,
+        exclude=exclude, every=every, drop_fraction=drop_fraction, split_by=split_by, moe_options=moe_options,
     )
 
 
 def convert_found(
-    model: nn.Module, found: FFNSearch, options: dict, *, example_inputs=None, example_kwargs=None,
+    model: nn.Module, found: FFNSearch, options: ConversionOptions, *, example_inputs=None, example_kwargs=None,
     on_stage: Stage | None = None,
 ) -> Conversion:
     """Rewrite the FFNs of ``found`` (from ``search(model)``) that ``options`` choose; the record of it."""
     if not found.matches:
         raise NoFFNFound(_nothing_found(model, found))
-    build = dict(options)
-    chosen = plan(found.matches, include=build.pop("include"), exclude=build.pop("exclude"), every=build.pop("every"))
+    build = options.as_dict()  # rewrite's keywords: every option but the choice of FFNs
+    include, exclude, every = build.pop("include"), build.pop("exclude"), build.pop("every")
+    chosen = plan(found.matches, include=include, exclude=exclude, every=every)
     if not chosen.convert:
         paths = [m.path for m in found.matches]
         raise ValueError(
-            f"include={options['include']!r}, exclude={options['exclude']!r}, every={options['every']} leave none "
+            f"include={include!r}, exclude={exclude!r}, every={every} leave none "
             f"of the FFNs {paths} to convert"
         )
     (on_stage or (lambda name: None))("rewrite")

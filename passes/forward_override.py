@@ -8,8 +8,8 @@ parameter names stay the model's own. A ``forward`` the user set on the instance
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 from torch import nn
 

@@ -12,9 +12,10 @@ matched region is covered by the shallowest module calls that compute nothing bu
 - ``inline``: the FFN is written in a bigger forward (``F.linear`` on parameters): that forward
   is re-traced with ``torch.fx`` and the region replaced by a call to a new MoE submodule.
 
-The activation is a list of pieces: a module the FFN calls (moved into the MoE as it is, so it
-keeps its own train/eval behaviour and parameters), ``nn.Dropout`` for functional dropout, or
-the pointwise nodes themselves, copied into a small ``fx.GraphModule``.
+The activation is a list of pieces, described here and built by ``rewrite``: a module the FFN
+calls (moved into the MoE as it is, so it keeps its own train/eval behaviour and parameters), a
+functional dropout (an ``nn.Dropout``), or pointwise nodes, copied out as a ``Subgraph`` and named
+by the activation catalogue (a named one becomes the catalogue's module, any other the nodes).
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from torch import fx, nn
+from torch import fx
 
-from moefx.layer.activations import ACTIVATIONS, make_activation
-from moefx.passes import activation as activations
+from moefx.passes.graph.activation_subgraph import Subgraph, extract
 from moefx.passes.graph.ops import LAYOUT, TRANSPARENT, arg, module_scope, op_name, tensor_inputs
 
 _DROPOUTS = frozenset({"dropout", "feature_dropout", "alpha_dropout"})
@@ -33,10 +33,13 @@ _DROPOUTS = frozenset({"dropout", "feature_dropout", "alpha_dropout"})
 
 @dataclass(frozen=True)
 class Piece:
-    """One step of the activation: a module of the model (by path) or a module built here."""
+    """One step of the activation, one of: a module of the model (by path), a functional dropout
+    (its probability), or pointwise ops (their subgraph, and the catalogue's name for it)."""
 
     path: str | None = None
-    module: nn.Module | None = None
+    dropout: float | None = None
+    ops: Subgraph | None = None
+    name: str | None = None  # what ``ops`` computes: a catalogue name, or "elementwise"
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,8 @@ def _pieces(act_nodes, source, mid_union, gm, index: ScopeIndex):
     def flush():
         nonlocal run, run_source
         if run:
-            pieces.append(Piece(module=_function_module(activations.extract(gm, run, run_source, skip=_skipped))))
+            ops = extract(gm, run, run_source, skip=_skipped)
+            pieces.append(Piece(ops=ops, name=ops.name(gm)))
             run_source = run[-1]
             run = []
 
@@ -163,7 +167,7 @@ def _pieces(act_nodes, source, mid_union, gm, index: ScopeIndex):
         run_key = object()
         if name in _DROPOUTS:
             flush()
-            pieces.append(Piece(module=nn.Dropout(float(arg(node, 1, "p", 0.5)))))
+            pieces.append(Piece(dropout=float(arg(node, 1, "p", 0.5))))
             run_source = node
         elif name in TRANSPARENT:
             continue
@@ -174,12 +178,6 @@ def _pieces(act_nodes, source, mid_union, gm, index: ScopeIndex):
             run.append(node)
     flush()
     return tuple(pieces)
-
-
-def _function_module(fn: fx.GraphModule) -> nn.Module:
-    """A named activation module when the nodes compute a known one, else the nodes themselves."""
-    name = activations.identify(fn)
-    return make_activation(name) if name in ACTIVATIONS else fn
 
 
 def _skipped(node: fx.Node) -> bool:

@@ -10,6 +10,9 @@
 
 Weights come from the dense FFN through an init strategy (``moefx.init.strategies``). Every reference to a
 replaced module is updated, so a module shared by several parents (ALBERT) becomes one shared MoE.
+The MoE's activation is built here from the match's description (``placement.Piece``): the model's
+own modules, an ``nn.Dropout`` for a functional dropout, the catalogue's module for a named
+activation (``moefx.layer.activations``), or else the FFN's own ops, copied out of the graph.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from moefx.init.template import FFNTemplate
+from moefx.layer.activations import ACTIVATIONS, make_activation
 from moefx.layer.folded import Folded
 from moefx.layer.moe import MoE
 from moefx.passes.find_ffn import FFNMatch
 from moefx.passes.inline import rewrite_inline, trace_parents
+from moefx.passes.placement import Piece
 from moefx.passes.plan import Plan
-from moefx.init.template import FFNTemplate
 
 
 class RewriteError(RuntimeError):
@@ -102,10 +107,19 @@ def _template(model: nn.Module, match: FFNMatch) -> FFNTemplate:
 
 
 def _activation(model: nn.Module, match: FFNMatch) -> nn.Module:
-    pieces = [model.get_submodule(p.path) if p.path is not None else p.module for p in match.placement.pieces]
+    pieces = [_piece_module(model, p) for p in match.placement.pieces]
     if not pieces:
         return nn.Identity()
     return pieces[0] if len(pieces) == 1 else nn.Sequential(*pieces)
+
+
+def _piece_module(model: nn.Module, piece: Piece) -> nn.Module:
+    """The module for one piece of the activation: the model's own, or one built from its description."""
+    if piece.path is not None:
+        return model.get_submodule(piece.path)
+    if piece.dropout is not None:
+        return nn.Dropout(piece.dropout)
+    return make_activation(piece.name) if piece.name in ACTIVATIONS else piece.ops.module(model)
 
 
 def _replace_module(model: nn.Module, path: str, new: nn.Module) -> None:

@@ -4,9 +4,9 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
-from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,11 @@ def test_wheel_maps_top_level_folders_under_moefx(tmp_path):
     assert top == {"moefx", next(t for t in top if t.endswith(".dist-info"))}
     for package in ("passes", "kernels", "cli"):
         assert f"moefx/{package}/__init__.py" in names
-    assert "moefx/kernels/ops/grouped_linear.py" in names and "moefx/layer/moe.py" in names
+    # Every source file of the four folders, at its installed place (a subpackage missing from
+    # pyproject.toml's list would be left out silently).
+    for folder, installed in (("moefx", "moefx"), ("passes", "moefx/passes"), ("kernels", "moefx/kernels"), ("cli", "moefx/cli")):
+        for path in (ROOT / folder).rglob("*.py"):
+            assert f"{installed}/{path.relative_to(ROOT / folder).as_posix()}" in names, f"{path} is not in the wheel"
     (entry_points,) = [n for n in names if n.endswith("entry_points.txt")]
     assert "moefx = moefx.cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

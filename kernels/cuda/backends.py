@@ -1,6 +1,6 @@
 """The CUDA implementation of ``moefx::grouped_linear`` and its backward: the Triton kernels or
 ``torch._grouped_mm``, whichever is faster for the shape, timed once per shape and cached
-(``triton_tuning.ConfigCache``).
+(``cuda/tuning.py``'s ``ConfigCache``).
 
 Triton comes first among the candidates: it is what runs where nothing can be timed, and the
 only one for biases, sizes ``torch._grouped_mm`` cannot align, and GPUs or dtypes it does not
@@ -9,13 +9,13 @@ support (a candidate that fails while being timed is passed over).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import Tensor
 
 from moefx.kernels.cuda import grouped_mm
-from moefx.kernels.triton import grouped_linear as triton_grouped_linear
 from moefx.kernels.cuda.tuning import ConfigCache, can_time, rows_bucket
+from moefx.kernels.triton import grouped_linear as triton_grouped_linear
 
 BACKENDS = ConfigCache()  # shape key -> "triton" or "grouped_mm"
 

@@ -1,5 +1,5 @@
 """``moefx::grouped_linear`` and its backward through ``torch._grouped_mm`` (PyTorch's grouped GEMM,
-CUTLASS on recent NVIDIA GPUs): one of the backends ``grouped_linear_backends`` chooses from.
+CUTLASS on recent NVIDIA GPUs): one of the backends ``cuda/backends.py`` chooses from.
 
 Legend: S rows, I in features, O out features, E experts.
 

@@ -1,6 +1,6 @@
 """Kernels registered for the CUDA dispatch key of the moefx ops, when triton is installed: Triton
 kernels, and for the permuted grouped linear a per-shape choice between them and
-``torch._grouped_mm`` (``grouped_linear_backends``).
+``torch._grouped_mm`` (``cuda/backends.py``).
 
 Without triton (or on other devices) the ops keep their default implementation, which also runs
 on CUDA tensors (one GEMM per expert, after a device-to-host sync of the offsets). The Triton
@@ -12,22 +12,22 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Iterator
 
 import torch
 
 from moefx.kernels.ops import gather_grouped_linear, grouped_linear, grouped_linear_combine, route
 
-# op -> (module, function): the function takes the op's arguments and returns its outputs.
+# op -> (module under moefx.kernels, function): the function takes the op's arguments and returns its outputs.
 CUDA_KERNELS: dict[torch.library.CustomOpDef, tuple[str, str]] = {
-    grouped_linear.grouped_linear: ("grouped_linear_backends", "forward"),  # Triton or torch._grouped_mm
-    grouped_linear.grouped_linear_backward: ("grouped_linear_backends", "backward"),
-    gather_grouped_linear.gather_grouped_linear: ("triton_fused_linear", "gather_grouped_linear_forward"),
-    gather_grouped_linear.gather_grouped_linear_backward: ("triton_fused_linear", "gather_grouped_linear_backward"),
-    grouped_linear_combine.grouped_linear_combine: ("triton_fused_linear", "grouped_linear_combine_forward"),
-    grouped_linear_combine.grouped_linear_combine_backward: ("triton_fused_linear", "grouped_linear_combine_backward"),
-    route.route: ("triton_route", "route"),
+    grouped_linear.grouped_linear: ("cuda.backends", "forward"),  # Triton or torch._grouped_mm
+    grouped_linear.grouped_linear_backward: ("cuda.backends", "backward"),
+    gather_grouped_linear.gather_grouped_linear: ("triton.fused_linear", "gather_grouped_linear_forward"),
+    gather_grouped_linear.gather_grouped_linear_backward: ("triton.fused_linear", "gather_grouped_linear_backward"),
+    grouped_linear_combine.grouped_linear_combine: ("triton.fused_linear", "grouped_linear_combine_forward"),
+    grouped_linear_combine.grouped_linear_combine_backward: ("triton.fused_linear", "grouped_linear_combine_backward"),
+    route.route: ("triton.route", "route"),
 }
 
 

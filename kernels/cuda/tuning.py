@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable
+from typing import Any
 
 import torch
 
@@ -90,7 +91,7 @@ class ConfigCache:
         for config in candidates:
             try:
                 times.append(self.measure(lambda c=config: launch(c)))
-            except Exception as e:  # noqa: BLE001  (e.g. a tile that needs more shared memory than the GPU has)
+            except Exception as e:
                 times.append(float("inf"))
                 failures.append(e)
         if len(failures) == len(candidates):

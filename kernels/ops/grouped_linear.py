@@ -24,7 +24,6 @@ from torch import Tensor
 from moefx.kernels.ops.dtypes import at_least_fp32
 from moefx.kernels.ops.segments import check_grouped_weights, expert_segments, weight_grad_buffer
 
-
 OP = "moefx::grouped_linear"
 
 

@@ -89,7 +89,7 @@ def permute(
 def _(x_TD, experts_TK, num_experts, capacity):
     _check(x_TD, experts_TK, num_experts, capacity)
     S = experts_TK.numel()
-    index = lambda n: experts_TK.new_empty((n,), dtype=torch.int64)  # noqa: E731
+    index = lambda n: experts_TK.new_empty((n,), dtype=torch.int64)
     return x_TD.new_empty((S, x_TD.shape[1])), index(S), index(S), index(num_experts + 1)
 
 

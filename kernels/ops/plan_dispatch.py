@@ -31,5 +31,5 @@ def plan_dispatch(experts_TK: Tensor, num_experts: int, capacity: int | None) ->
 def _(experts_TK, num_experts, capacity):
     _check(experts_TK, num_experts, capacity)
     S = experts_TK.numel()
-    index = lambda n: experts_TK.new_empty((n,), dtype=torch.int64)  # noqa: E731
+    index = lambda n: experts_TK.new_empty((n,), dtype=torch.int64)
     return index(S), index(S), index(num_experts + 1)

@@ -93,7 +93,8 @@ def _builder(module: ModuleType, path: Path, entry: str | None):
         if not hasattr(module, entry):
             choices = sorted(
                 n for n, v in vars(module).items()
-                if not n.startswith("_") and (isinstance(v, nn.Module) or (callable(v) and getattr(v, "__module__", None) == module.__name__))
+                if not n.startswith("_")
+                and (isinstance(v, nn.Module) or (callable(v) and getattr(v, "__module__", None) == module.__name__))
             )
             raise ModelFileError(f"{path.name} defines no {entry!r}; it defines {choices or 'no builder'}: pick one with --entry")
         return entry, getattr(module, entry)

@@ -10,8 +10,8 @@ name); an MoE built from the template runs it once over all permuted rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch.nn.functional as F
 from torch import Tensor, nn

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from fractions import Fraction
-from typing import Callable
+from types import SimpleNamespace
 
 from moefx.layer.activations import ACTIVATIONS
 
@@ -21,9 +22,19 @@ GATE_FREE_OPTIONS = {"topk": ("renormalize", "softmax_first"), "sigmoid": ("reno
 SWITCH_JITTER = 0.01
 
 
-def _require(ok: bool, field: str, value: object, allowed: str) -> None:
+class InvalidOption(ValueError):
+    """A bad option: its ``field``, ``value``, what is ``allowed`` and, for a value out of a numeric
+    range, the range's ``bounds`` ``(low, high)`` (None: no limit), for callers that word it their way."""
+
+    def __init__(self, message: str, *, field: str, value: object, allowed: str, bounds: tuple | None = None) -> None:
+        super().__init__(message)
+        self.field, self.value, self.allowed, self.bounds = field, value, allowed, bounds
+
+
+def _require(ok: bool, field: str, value: object, allowed: str, bounds: tuple | None = None) -> None:
     if not ok:
-        raise ValueError(f"MoEConfig.{field}={value!r} is invalid: {allowed}")
+        raise InvalidOption(f"MoEConfig.{field}={value!r} is invalid: {allowed}", field=field, value=value,
+                            allowed=allowed, bounds=bounds)
 
 
 def _is_int(value: object) -> bool:
@@ -80,12 +91,19 @@ class MoEConfig:
     bias_update_rate: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "d_hidden", "num_experts"):
+        for name in ("d_model", "d_hidden"):
             value = getattr(self, name)
             _require(_is_int(value) and value >= 1, name, value, "must be an integer >= 1")
+        self._check_layer_fields()
+
+    def _check_layer_fields(self) -> None:
+        """The checks of every field but the sizes (``check_layer_options`` runs them alone)."""
+        _require(_is_int(self.num_experts) and self.num_experts >= 1, "num_experts", self.num_experts,
+                 "must be an integer >= 1")
         _require(
             _is_int(self.top_k) and 1 <= self.top_k <= self.num_experts,
             "top_k", self.top_k, f"must be an integer in [1, num_experts={self.num_experts}]",
+            bounds=(1, self.num_experts),
         )
         for name in ("gated", "bias"):
             value = getattr(self, name)
@@ -101,10 +119,11 @@ class MoEConfig:
         if self.gate == "gshard":
             _require(self.top_k == 2, "top_k", self.top_k, "must be 2 for gate='gshard'")
         if self.capacity_factor is not None:
-            _require(
-                _is_number(self.capacity_factor) and self.capacity_factor > 0,
-                "capacity_factor", self.capacity_factor, "must be None (dropless) or a number > 0",
-            )
+            allowed = "must be None (dropless) or a number > 0"
+            _require(_is_int(self.capacity_factor) or isinstance(self.capacity_factor, float),
+                     "capacity_factor", self.capacity_factor, allowed)
+            _require(self.capacity_factor > 0, "capacity_factor", self.capacity_factor, allowed, bounds=(0, None))
+            _require(math.isfinite(self.capacity_factor), "capacity_factor", self.capacity_factor, allowed)
             ratio = Fraction(str(self.capacity_factor))
             object.__setattr__(self, "_capacity_ratio", (ratio.numerator, ratio.denominator))
         if self.router_jitter is not None:
@@ -181,3 +200,27 @@ class MoEConfig:
         # ceil(11.000000000000002) = 12); it also traces under torch.compile with symbolic tokens.
         numerator, denominator = self._capacity_ratio
         return -(-(numerator * num_tokens * self.top_k) // (denominator * self.num_experts))
+
+
+class _LayerFields(SimpleNamespace):
+    """MoEConfig's fields but the sizes, checked by MoEConfig's own methods (``check_layer_options``)."""
+
+    _check_layer_fields = MoEConfig._check_layer_fields
+    _resolve_routing = MoEConfig._resolve_routing
+    _check_sigmoid_options = MoEConfig._check_sigmoid_options
+
+
+def check_layer_options(**options) -> dict:
+    """MoEConfig's checks of ``options`` (its fields but the sizes ``d_model`` and ``d_hidden``, which a
+    converter takes from each FFN; the others at their defaults; ``num_experts`` is needed), with no
+    layer config built: a bad value raises ``InvalidOption``, an unknown name ``TypeError``. Returns
+    the fields but the sizes, resolved as MoEConfig resolves them (the gate's defaults filled in)."""
+    defaults = {f.name: f.default for f in fields(MoEConfig) if f.name not in ("d_model", "d_hidden")}
+    unknown = sorted(options.keys() - defaults.keys())
+    if unknown:
+        raise TypeError(f"MoEConfig has no field {', '.join(map(repr, unknown))} (its fields are {list(defaults)})")
+    if "num_experts" not in options:
+        raise TypeError("check_layer_options() needs num_experts")
+    checked = _LayerFields(**{**defaults, **options})
+    checked._check_layer_fields()
+    return {name: getattr(checked, name) for name in defaults}

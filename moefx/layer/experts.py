@@ -5,11 +5,15 @@ Legend: S permuted rows, D model dim, H expert hidden dim, E experts.
 An expert is ``out_proj · mid(in_proj · x)``. ``mid`` is row-wise: for a gated expert
 ``act(gate) * up``, where ``in_proj`` holds the gate rows first and the up rows second, else
 ``act(h)``. Only the two linears are per expert (grouped linears); ``mid`` runs once over all rows.
+
+``Experts`` is what the layer asks of its routed experts; another kind (``OffloadedExperts`` in
+``moefx.offloading.experts`` streams its weights) is one module that has those members.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +21,32 @@ from torch import Tensor, nn
 import moefx.kernels  # noqa: F401  (registers torch.ops.moefx)
 from moefx.layer.activations import computes_silu
 from moefx.layer.dispatch import DispatchMeta
+
+# The stacked [E, ...] expert tensors of GroupedExperts by name (the biases may be None); one
+# expert is row e of each: the names expert parallelism shards and offloading streams.
+EXPERT_PARAMETERS = ("in_proj", "out_proj", "in_bias", "out_bias")
+
+
+class Experts(Protocol):
+    """The routed experts of an ``MoE`` layer (``layer.experts``), as the layer calls them."""
+
+    reads_tokens: bool  # has ``forward_tokens``: reads and writes token order itself (the fused path)
+    resident: bool  # every expert's weights are held by the module (offloaded experts stream them in)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype inputs must have."""
+        ...
+
+    def forward(self, x_SD: Tensor, offsets_E1: Tensor) -> Tensor:
+        """Rows grouped by expert (expert e owns rows ``[offsets[e], offsets[e+1])``; rows past
+        ``offsets[-1]`` are dropped and come back zero) to their outputs, ``[S, D]``."""
+        ...
+
+    def forward_tokens(self, x_TD: Tensor, weights_TK: Tensor, meta: DispatchMeta) -> Tensor:
+        """Only when ``reads_tokens``: the weighted sum of each token's experts, ``[T, D]``, from
+        ``x_TD`` and a dispatcher's ``plan`` (no row was moved)."""
+        ...
 
 
 def _init_linear_(weight: Tensor, bias: Tensor | None) -> None:
@@ -45,7 +75,11 @@ class ExpertMid(nn.Module):
 
 
 class GroupedExperts(nn.Module):
-    """E experts in ``in_proj [E, (2)H, D]``, ``out_proj [E, D, H]`` and optional biases."""
+    """E experts in ``in_proj [E, (2)H, D]``, ``out_proj [E, D, H]`` and optional biases
+    (``EXPERT_PARAMETERS``); an ``Experts``."""
+
+    reads_tokens = True  # forward_tokens: the gather and the combine fused into the linears
+    resident = True
 
     def __init__(
         self, d_model: int, d_hidden: int, num_experts: int, mid: ExpertMid, bias: bool, *, device=None, dtype=None

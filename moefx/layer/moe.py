@@ -7,8 +7,9 @@ Legend: T tokens, D model dim, H expert hidden dim, E experts, K top-k, S = T*K 
     x_SD ─▶ moefx::grouped_linear ─▶ act(gate)·up ─▶ moefx::grouped_linear ─▶ y_SD
     y_SD, weights_TK ─▶ moefx::unpermute ─▶ out_TD (+ shared experts)
 
-Local experts run the same computation fused, with no ``[S, D]`` buffer (the permuted path is
-for expert parallelism and offloaded experts):
+Local experts run the same computation fused, with no ``[S, D]`` buffer: experts that read token
+order (``Experts.reads_tokens``) behind a dispatcher that leaves rows in place
+(``Dispatcher.fuses_experts``). The permuted path is for expert parallelism and offloaded experts:
 
     experts_TK ─▶ moefx::plan_dispatch ─▶ row_slot_S, offsets_E1
     x_TD ─▶ moefx::gather_grouped_linear ─▶ act(gate)·up ─▶ moefx::grouped_linear_combine(weights_TK) ─▶ out_TD
@@ -27,12 +28,10 @@ from torch import Tensor, nn
 
 from moefx.layer.activations import make_activation
 from moefx.layer.config import MoEConfig
-from moefx.layer.dispatch import LocalDispatcher
-from moefx.layer.experts import DenseFFN, ExpertMid, GroupedExperts
-from moefx.init.strategies import INIT_STRATEGIES, init_from_template
+from moefx.layer.dispatch import Dispatcher, LocalDispatcher
+from moefx.layer.experts import DenseFFN, ExpertMid, Experts, GroupedExperts
 from moefx.layer.losses import load_balance_loss, z_loss
 from moefx.layer.routers import Routing, make_router
-from moefx.init.template import FFNTemplate
 
 
 @dataclass(frozen=True)
@@ -79,7 +78,7 @@ class MoE(nn.Module):
         factory = {"device": device, "dtype": dtype}
         activation = make_activation(config.activation)
         self.router = make_router(config, **factory)
-        self.experts = GroupedExperts(
+        self.experts: Experts = GroupedExperts(
             config.d_model, config.d_hidden, config.num_experts, ExpertMid(activation, config.gated), config.bias,
             **factory,
         )
@@ -89,42 +88,29 @@ class MoE(nn.Module):
             self.shared_experts = DenseFFN(
                 config.d_model, config.num_shared_experts * config.d_hidden, shared_mid, config.bias, **factory
             )
-        self.dispatcher = LocalDispatcher()
-        # Local experts run the fused ops; False runs the permuted path instead (same results).
+        self.dispatcher: Dispatcher = LocalDispatcher()
+        # Experts that read token order run the fused ops when the dispatcher allows it (local
+        # experts); False runs the permuted path instead (same results).
         self.fused_experts = True
         self._last_routing: Routing | None = None
         self._last_stats: MoEStats | None = None
 
     @classmethod
     def from_ffn(
-        cls, template: FFNTemplate, *, num_experts: int, top_k: int = 2, init: str = "upcycle",
+        cls, template, *, num_experts: int, top_k: int = 2, init: str = "upcycle",
         drop_fraction: float = 0.5, split_by: str = "contiguous", device=None, dtype=None, **options,
     ) -> MoE:
-        """An MoE whose experts are initialised from a dense FFN (see ``moefx.init.strategies``)."""
-        if init not in INIT_STRATEGIES:
-            raise ValueError(f"init={init!r} is unknown: must be one of {list(INIT_STRATEGIES)}")
-        d_hidden = template.d_hidden
-        if init == "split":
-            if d_hidden % num_experts:
-                raise ValueError(
-                    f"init='split' partitions d_hidden={d_hidden} among num_experts={num_experts}, which must "
-                    f"divide it; choose num_experts among the divisors of {d_hidden}"
-                )
-            d_hidden //= num_experts
-            # The router starts at zero, so each of k experts gets weight 1/k; see moefx.init.strategies.split.
-            options.setdefault("routed_scale", float(num_experts))
-        activation = template.activation
-        if isinstance(activation, nn.Module):
-            activation = copy.deepcopy(activation)
-        config = MoEConfig(
-            d_model=template.d_model, d_hidden=d_hidden, num_experts=num_experts, top_k=top_k,
-            activation=activation, gated=template.gated, bias=template.has_bias, **options,
+        """An MoE whose experts are initialised from the dense FFN ``template`` (a ``moefx.FFNTemplate``)
+        with strategy ``init`` (see ``moefx.init.strategies``); ``options`` are further ``MoEConfig``
+        fields, and device and dtype default to the template's. A thin entry: the work is
+        ``moefx.init.from_ffn.moe_from_ffn``."""
+        # layering: the one upward import (MoE.from_ffn is the public entry to moefx.init)
+        from moefx.init.from_ffn import moe_from_ffn
+
+        return moe_from_ffn(
+            template, num_experts=num_experts, top_k=top_k, init=init, drop_fraction=drop_fraction,
+            split_by=split_by, device=device, dtype=dtype, layer_class=cls, **options,
         )
-        weight = template.up_weight
-        device = weight.device if device is None else device
-        moe = cls(config, device=device, dtype=weight.dtype if dtype is None else dtype)
-        init_from_template(moe, template, init, drop_fraction=drop_fraction, split_by=split_by)
-        return moe
 
     def forward(self, x: Tensor) -> Tensor:
         D, axis = self.config.d_model, self.config.feature_axis
@@ -181,11 +167,11 @@ class MoE(nn.Module):
         return state
 
     def _experts_read_tokens(self) -> bool:
-        """Whether to run the fused path (``forward_tokens``): experts local to this process, in
-        stacked weights. Expert parallelism moves rows between ranks and offloaded experts stream
-        one at a time, so both take the permuted path."""
-        local = isinstance(self.dispatcher, LocalDispatcher) and isinstance(self.experts, GroupedExperts)
-        return local and self.fused_experts
+        """Whether to run the fused path (``forward_tokens``): a dispatcher that leaves rows in place
+        (``fuses_experts``: experts local to this process) and experts that read token order
+        (``reads_tokens``: stacked weights). Expert parallelism moves rows between ranks and
+        offloaded experts stream one at a time, so both take the permuted path."""
+        return self.fused_experts and self.dispatcher.fuses_experts and self.experts.reads_tokens
 
     def aux_loss(self) -> Tensor:
         """This layer's weighted router losses from its last forward (0-dim, differentiable)."""

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import moefx.kernels  # noqa: F401  (registers torch.ops.moefx)
-from moefx.layer.config import MoEConfig
 from moefx.kernels.ops.dtypes import at_least_fp32
 from moefx.kernels.ops.route import count_choices
+from moefx.layer.config import MoEConfig
 
 
 def _upcast(t: Tensor) -> Tensor:

@@ -3,9 +3,10 @@
 Legend: S permuted rows, D model dim, E experts.
 
 Same call as ``GroupedExperts`` (rows grouped by expert, offsets), so the layer's forward does
-not change. The experts are computed one at a time, each as the moefx grouped linear over one
-expert's rows, because they arrive one at a time: only the experts with rows are loaded, and a
-budget of one expert must still work.
+not change; it is not ``resident`` (``moefx.model.is_offloaded``) and does not read token order,
+so the layer takes the permuted path. The experts are computed one at a time, each as the moefx
+grouped linear over one expert's rows, because they arrive one at a time: only the experts with
+rows are loaded, and a budget of one expert must still work.
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ import torch
 from torch import Tensor, nn
 
 import moefx.kernels  # noqa: F401  (registers torch.ops.moefx)
-from moefx.offloading.cache import ExpertCache
 from moefx.layer.experts import ExpertMid
-from moefx.model import moe_layers
+from moefx.offloading.cache import ExpertCache
 
 
 class OffloadedExperts(nn.Module):
+    """An ``Experts`` (``moefx.layer.experts``) that holds no weights: ``cache`` brings them in."""
+
+    reads_tokens = False  # rows must be grouped by expert: the experts run one at a time
+    resident = False
+
     def __init__(self, mid: ExpertMid, cache: ExpertCache, layer: int, d_model: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.mid, self.cache, self.layer = mid, cache, layer
@@ -52,11 +57,6 @@ class OffloadedExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, slots={len(self.cache.slots)}, prefetch={self.cache.prefetch}"
-
-
-def is_offloaded(model: nn.Module) -> bool:
-    """Whether ``moefx.offload`` made ``model``'s experts stream (it then holds only some of them)."""
-    return any(isinstance(layer.experts, OffloadedExperts) for _, layer in moe_layers(model))
 
 
 def _one(bias: Tensor | None) -> Tensor | None:

@@ -16,17 +16,21 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from moefx.artifact.save_load import assign_tensors
-from moefx.parallel.checkpoint import is_expert_parallel
+from moefx.artifact.format import read_tensors
+from moefx.artifact.tensors import assign_tensors
+from moefx.model import is_expert_parallel, is_offloaded, moe_layers, named_tensors
 from moefx.offloading.cache import ExpertCache, OffloadStats
+from moefx.offloading.experts import OffloadedExperts
 from moefx.offloading.store import (
-    DiskExpertStore, ExpertLayout, HostExpertStore, OffloadError, SafetensorsIndex, stacked_expert_tensors,
+    DiskExpertStore,
+    ExpertLayout,
+    HostExpertStore,
+    OffloadError,
+    SafetensorsIndex,
+    stacked_expert_tensors,
 )
-from moefx.model import moe_layers, named_tensors
-from moefx.offloading.experts import OffloadedExperts, is_offloaded
 
 log = logging.getLogger(__name__)
 
@@ -132,22 +136,16 @@ def _check_not_meta(stacked, layers, others) -> None:
 
 def _read_meta_tensors(index: SafetensorsIndex, others) -> dict[str, torch.Tensor]:
     """The non-expert tensors still on meta, read from the file (they are small next to the experts)."""
-    by_file: dict[Path, list[tuple[str, torch.Tensor]]] = {}
-    for name, t in others:
-        if not t.is_meta:
-            continue
+    wanted = {name: t for name, t in others if t.is_meta}
+    for name in wanted:
         if name not in index.entries:
             raise OffloadError(f"tensor {name!r} is on the meta device and missing from {index.path}: load it first")
-        by_file.setdefault(index.entries[name][0], []).append((name, t))
-    tensors = {}
-    for file, wanted in by_file.items():
-        with safe_open(file, framework="pt") as f:
-            for name, t in wanted:
-                value = f.get_tensor(name)
-                if value.shape != t.shape or value.dtype != t.dtype:
-                    raise OffloadError(
-                        f"tensor {name!r} in {file} is {value.dtype} {tuple(value.shape)}, but the model's is {t.dtype} "
-                        f"{tuple(t.shape)}: offload the model the file was saved from"
-                    )
-                tensors[name] = value
+    tensors = read_tensors({name: index.entries[name].file for name in wanted})
+    for name, value in tensors.items():
+        t = wanted[name]
+        if value.shape != t.shape or value.dtype != t.dtype:
+            raise OffloadError(
+                f"tensor {name!r} in {index.entries[name].file} is {value.dtype} {tuple(value.shape)}, but the model's "
+                f"is {t.dtype} {tuple(t.shape)}: offload the model the file was saved from"
+            )
     return tensors

@@ -15,25 +15,18 @@ expert weights pile up in RSS; reads leave them in the page cache, which is the 
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from moefx.artifact.weight_files import INDEX, WEIGHTS, weight_files
+from moefx.artifact.format import DTYPES, INDEX, WEIGHTS, ArtifactError, TensorBytes, tensor_offsets, weight_files
+from moefx.layer.experts import EXPERT_PARAMETERS as PARTS  # an expert's tensors, by name
 
-PARTS = ("in_proj", "out_proj", "in_bias", "out_bias")
 _ALIGN = 64  # bytes: every part of a slot starts aligned for any dtype and for vector loads
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-}
 
 
 class OffloadError(RuntimeError):
@@ -173,39 +166,26 @@ class SafetensorsIndex:
             files = [path]
         else:
             raise OffloadError(f"the weights file {path} does not exist: pass path= a moefx convert output or a .safetensors file")
-        self.entries: dict[str, tuple[Path, dict, int]] = {}  # name -> (file, header entry, data start)
+        self.entries: dict[str, TensorBytes] = {}
         for file in files:
             if not file.is_file():
                 raise OffloadError(f"the weights file {file} (listed in {path}) does not exist")
-            size = file.stat().st_size
-            with open(file, "rb") as f:
-                head = f.read(8)
-                n = struct.unpack("<Q", head)[0] if len(head) == 8 else size
-                if 8 + n > size:
-                    raise OffloadError(f"{file} is not a complete safetensors file: its header runs past its end ({size} bytes)")
-                header = json.loads(f.read(n))
-            entries = {name: entry for name, entry in header.items() if name != "__metadata__"}
-            for name, entry in sorted(entries.items(), key=lambda item: item[1]["data_offsets"][1]):
-                if 8 + n + entry["data_offsets"][1] > size:
-                    raise OffloadError(
-                        f"{file} is truncated: tensor {name!r} ends at byte {8 + n + entry['data_offsets'][1]} but the "
-                        f"file has {size} bytes; write it again (moefx convert / moefx.save)"
-                    )
-                self.entries[name] = (file, entry, 8 + n)
+            try:
+                self.entries.update(tensor_offsets(file))
+            except ArtifactError as err:  # a file cut short: the offload's error, with the same message
+                raise OffloadError(str(err)) from err
 
     def locate(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> _FileTensor:
         """The file and offset of tensor ``name``, checked to be ``dtype`` and ``shape`` and complete."""
         if name not in self.entries:
             raise OffloadError(f"tensor {name!r} is missing from {self.path}: is it the output this model was converted to?")
-        file, entry, start = self.entries[name]
-        file_dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
-        if file_dtype != dtype or tuple(entry["shape"]) != shape:
+        entry = self.entries[name]
+        if DTYPES.get(entry.dtype) != dtype or entry.shape != shape:
             raise OffloadError(
-                f"tensor {name!r} in {file} is {entry['dtype']} {tuple(entry['shape'])}, but the model's is {dtype} {shape}: "
+                f"tensor {name!r} in {entry.file} is {entry.dtype} {entry.shape}, but the model's is {dtype} {shape}: "
                 "offload the model the file was saved from (same options and dtype)"
             )
-        begin, end = entry["data_offsets"]
-        return _FileTensor(file, name, start + begin, (end - begin) // shape[0])
+        return _FileTensor(entry.file, name, entry.begin, (entry.end - entry.begin) // shape[0])
 
 
 def _directory_files(directory: Path) -> list[Path]:

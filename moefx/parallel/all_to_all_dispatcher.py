@@ -29,14 +29,15 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 
 import moefx.kernels  # noqa: F401  (registers torch.ops.moefx)
+from moefx.layer.dispatch import Dispatcher, DispatchMeta
 
 
 @dataclass(frozen=True)
-class EPDispatchMeta:
-    offsets_E1: Tensor  # the local experts' row ranges in the buffer they see: L + 1 entries (named as the layer reads it)
-    permute_offsets_E1: Tensor  # this rank's token copies per global expert, as offsets (E + 1)
-    slot_row_S: Tensor  # from the local permute
-    row_slot_S: Tensor
+class EPDispatchMeta(DispatchMeta):
+    """``DispatchMeta`` with the exchange's sizes. ``row_slot_S``/``slot_row_S`` are the local permute's;
+    ``offsets_E1`` are the L local experts' ranges in the received buffer (L + 1 entries), and
+    ``permute_offsets_E1`` this rank's token copies per global expert (E + 1)."""
+
     regroup_R: Tensor | None  # received row i goes to position regroup[i] (dropless)
     send_splits: list[int] | None  # rows sent to each rank (dropless)
     recv_splits: list[int] | None
@@ -45,9 +46,10 @@ class EPDispatchMeta:
     capacity: int | None
 
 
-class AllToAllDispatcher:
+class AllToAllDispatcher(Dispatcher):
     """Dispatch over the ``ep`` ranks of ``mesh``; this rank holds experts ``[j*L, (j+1)*L)``, j its
-    ``ep`` coordinate. The mesh is kept for checkpoints (the experts as shards of a DTensor)."""
+    ``ep`` coordinate. The mesh is kept for checkpoints (the experts as shards of a DTensor). Rows
+    move between ranks, so it has no plan alone (``fuses_experts`` False: the permuted path)."""
 
     def __init__(self, mesh: DeviceMesh, num_experts: int) -> None:
         self.mesh = mesh
@@ -112,7 +114,10 @@ class AllToAllDispatcher:
         regroup_R[order_R] = torch.arange(order_R.numel(), device=x_SD.device)
         local_offsets = torch.zeros(L + 1, dtype=torch.int64, device=x_SD.device)
         torch.cumsum(recv_counts.sum(0), 0, out=local_offsets[1:])
-        meta = EPDispatchMeta(local_offsets, offsets_E1, slot_row_S, row_slot_S, regroup_R, send_splits, recv_splits, kept, None, None)
+        meta = EPDispatchMeta(
+            row_slot_S, slot_row_S, offsets_E1=local_offsets, permute_offsets_E1=offsets_E1, regroup_R=regroup_R,
+            send_splits=send_splits, recv_splits=recv_splits, kept=kept, position_S=None, capacity=None,
+        )
         return x_recv.index_select(0, order_R), meta
 
     def _dispatch_capacity(self, x_SD, row_slot_S, slot_row_S, offsets_E1, capacity) -> tuple[Tensor, EPDispatchMeta]:
@@ -125,5 +130,8 @@ class AllToAllDispatcher:
         received = torch.ops.moefx.all_to_all(buffer, [L * C] * ep, [L * C] * ep, self.group_name)
         x_RD = received.view(ep, L, C, D).transpose(0, 1).reshape(L * ep * C, D)
         local_offsets = torch.arange(L + 1, device=x_SD.device) * (ep * C)
-        meta = EPDispatchMeta(local_offsets, offsets_E1, slot_row_S, row_slot_S, None, None, None, None, position_S, C)
+        meta = EPDispatchMeta(
+            row_slot_S, slot_row_S, offsets_E1=local_offsets, permute_offsets_E1=offsets_E1, regroup_R=None,
+            send_splits=None, recv_splits=None, kept=None, position_S=position_S, capacity=C,
+        )
         return x_RD, meta

@@ -19,25 +19,19 @@ midway leaves the previous checkpoint as it was.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moefx.artifact.atomic import atomic_directory, refuse_existing
-from moefx.parallel.all_to_all_dispatcher import AllToAllDispatcher
+from moefx.artifact.format import MANIFEST, PLAIN_WEIGHTS, add_to_index, read_tensors, tensor_specs, write_manifest
 from moefx.model import moe_layers, named_tensors
-from moefx.artifact.weight_files import INDEX, tensor_files
-
-MANIFEST = "moefx.json"
-PLAIN_WEIGHTS = "model-integer-tensors.safetensors"  # the tensors DCP cannot write (see _split)
 
 
 class CheckpointError(RuntimeError):
@@ -81,21 +75,16 @@ def save_distributed(model: nn.Module, out_dir: str | Path, tensors: dict[str, T
     return target
 
 
-def write_manifest(directory: Path, manifest: dict) -> None:
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-
-
 def load_distributed(model: nn.Module, out_dir: str | Path, tensors: dict[str, Tensor]) -> None:
     """Fill ``tensors`` (the model's own, by name) in place with this rank's part of the checkpoint."""
     state, plain = _split(_as_global(model, tensors))
-    files = tensor_files(Path(out_dir))
-    missing = sorted(plain.keys() - files.keys())
+    specs = tensor_specs(Path(out_dir))
+    missing = sorted(plain.keys() - specs.keys())
     if missing:  # checked before anything is filled in
         raise CheckpointError(f"{out_dir} lacks the model's tensors {missing[:5]}: pass the model it was saved from")
     dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(out_dir)))
-    for name, tensor in plain.items():
-        with safe_open(files[name], framework="pt") as f:
-            tensor.copy_(f.get_tensor(name))
+    for name, value in read_tensors({name: specs[name].file for name in plain}).items():
+        plain[name].copy_(value)
 
 
 def _split(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -108,20 +97,14 @@ def _split(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tenso
 
 def _write_plain(directory: Path, plain: dict[str, Tensor]) -> None:
     save_file({n: t.contiguous() for n, t in plain.items()}, directory / PLAIN_WEIGHTS, metadata={"format": "pt"})
-    index = json.loads((directory / INDEX).read_text())
-    index["weight_map"].update(dict.fromkeys(plain, PLAIN_WEIGHTS))
-    (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def is_expert_parallel(model: nn.Module) -> bool:
-    return any(isinstance(layer.dispatcher, AllToAllDispatcher) for _, layer in moe_layers(model))
+    add_to_index(directory, plain, PLAIN_WEIGHTS)
 
 
 def _as_global(model: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """Expert shards as DTensors over their mesh (sharing this rank's storage); the rest as is."""
     meshes = {}
     for _, layer in moe_layers(model):
-        if isinstance(layer.dispatcher, AllToAllDispatcher):
+        if layer.dispatcher.mesh is not None:  # an expert-parallel layer's experts: shards over its mesh
             for param in layer.experts.parameters(recurse=False):
                 meshes[id(param)] = layer.dispatcher.mesh
     named = dict(named_tensors(model))

@@ -25,11 +25,10 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.nn.parallel import DistributedDataParallel
 
-from moefx.parallel.all_to_all_dispatcher import AllToAllDispatcher
+from moefx.layer.experts import EXPERT_PARAMETERS
 from moefx.layer.moe import MoE
 from moefx.model import moe_layers
-
-EXPERT_PARAMETERS = ("in_proj", "out_proj", "in_bias", "out_bias")  # of GroupedExperts, stacked [E, ...]
+from moefx.parallel.all_to_all_dispatcher import AllToAllDispatcher
 
 
 def expert_parallel_mesh(ep_size: int, dp_size: int | None = None, device_type: str | None = None) -> DeviceMesh:
@@ -66,7 +65,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, data_parallel: bool = Tru
     ep_mesh = mesh["ep"]
     ep_size, ep_rank = ep_mesh.size(), ep_mesh.get_local_rank()
     for path, layer in layers:
-        if isinstance(layer.dispatcher, AllToAllDispatcher):
+        if layer.dispatcher.mesh is not None:
             raise ValueError(f"{path} is already expert-parallel: call moefx.parallelize once")
         if layer.config.num_experts % ep_size:
             raise ValueError(

@@ -17,7 +17,16 @@ from torch import fx
 
 from moefx.passes.graph import normal_form
 from moefx.passes.graph.ops import (
-    CONVOLUTIONS, LAYOUT, PERMUTES, ROW_OPS, TRANSPARENT, arg, is_pointwise, op_name, shape_of, tensor_inputs,
+    CONVOLUTIONS,
+    LAYOUT,
+    PERMUTES,
+    ROW_OPS,
+    TRANSPARENT,
+    arg,
+    is_pointwise,
+    op_name,
+    shape_of,
+    tensor_inputs,
 )
 
 _LAST_AXIS_PRODUCERS = frozenset({"embedding", "layer_norm", "rms_norm", "softmax", "scaled_dot_product_attention"})

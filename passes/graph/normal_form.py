@@ -43,6 +43,11 @@ class Linear:
     in_features: int
     out_features: int
 
+    @property
+    def label(self) -> str:
+        """How messages name it: its module path (``mlp.up``), else its node."""
+        return (self.weight or self.node.name).removesuffix(".weight")
+
 
 def is_linear(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is linear

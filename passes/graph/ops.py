@@ -9,7 +9,7 @@ predicates below classify nodes by that name, so no pass needs to know which dia
 from __future__ import annotations
 
 import operator
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import fx, nn
@@ -89,7 +89,7 @@ def op_name(node: fx.Node, root: nn.Module | None = None) -> str | None:
     return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def is_pointwise_name(name: str) -> bool:
     """Whether the ATen op of this name is tagged pointwise (an elementwise function)."""
     packet = getattr(torch.ops.aten, name, None)
@@ -163,3 +163,11 @@ def remove_dead_code(graph: fx.Graph) -> None:
     value would silently run the fixed-value graph."""
     guard = torch.fx._symbolic_trace._assert_is_none
     graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure() or node.target is guard)
+
+
+def detached_copy(graph: fx.Graph) -> fx.Graph:
+    """A copy of ``graph`` that no GraphModule owns (pickling a graph pickles its owner, and a
+    GraphModule built on a graph takes it as its own)."""
+    copy = fx.Graph()
+    copy.output(copy.graph_copy(graph, {}))
+    return copy

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 import moefx
-from moefx.artifact.save_load import ArtifactError
+from moefx.artifact.format import ArtifactError
 from moefx.artifact.model_file import load_model_file
-from tests.passes.models import CASES
 from tests.artifact.saved_cases import convert_and_save
+from tests.passes.models import CASES
 
 
 def _out(result) -> torch.Tensor:
@@ -300,7 +300,7 @@ def test_loading_into_a_model_of_another_family_names_what_was_expected_and_foun
 
 
 def test_a_long_list_of_expected_ffns_is_shortened():
-    from moefx.artifact.save_load import _shortened
+    from moefx.artifact.load import _shortened
 
     paths = [f"model.layers.{i}.mlp" for i in range(32)]
     assert _shortened(paths) == "[model.layers.0.mlp, model.layers.1.mlp, model.layers.2.mlp, model.layers.3.mlp, … (28 more)]"

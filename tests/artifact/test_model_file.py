@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moefx.artifact.model_file import ModelFileError, load_model_file
-from moefx.artifact.record import input_spec, inputs_from_spec
+from moefx.passes.record import input_spec, inputs_from_spec
 
 
 def test_builder_may_import_a_neighbour_when_it_runs(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 
-from moefx.cli.bench_processes import child_argv, speedups_by_shape, summarize
+from moefx.cli.bench.processes import child_argv, speedups_by_shape, summarize
 from tests.cli.helpers import moefx as run
 
 

@@ -13,7 +13,8 @@ from safetensors import safe_open
 import moefx
 from moefx.artifact.model_file import load_model_file
 from moefx.passes.driver import conversion_options, convert_found, search
-from tests.cli.helpers import EXAMPLES, MLP_MODEL, moefx as run, write_model_file
+from tests.cli.helpers import EXAMPLES, MLP_MODEL, write_model_file
+from tests.cli.helpers import moefx as run
 
 # example: (FFNs in the model, options)
 EXAMPLE_FILES = {
@@ -128,7 +129,7 @@ def test_bench_runs_the_layer_benchmark(tmp_path):
 
 @pytest.mark.parametrize("existing", [False, True])
 def test_ctrl_c_while_writing_leaves_no_output_and_keeps_the_old_one(tmp_path, monkeypatch, capsys, existing):
-    from moefx.artifact import save_load as artifact
+    from moefx.artifact import save as artifact
     from moefx.cli.main import main
 
     def interrupted_save_file(tensors, path, metadata=None):

@@ -17,7 +17,8 @@ import torch
 
 import moefx
 from moefx.exporting import ExportError, StaticShapeWarning
-from tests.cli.helpers import EXAMPLES, moefx as run, write_model_file
+from tests.cli.helpers import EXAMPLES, write_model_file
+from tests.cli.helpers import moefx as run
 
 MOEFX_OPS = {"route", "plan_dispatch", "gather_grouped_linear", "grouped_linear_combine"}  # a local layer runs the fused ops
 HAS_TENSORRT = torch.cuda.is_available() and importlib.util.find_spec("torch_tensorrt") is not None

@@ -9,11 +9,12 @@ import torch
 from rich.console import Console
 
 import moefx
+from moefx.artifact.model_file import load_model_file
 from moefx.cli.layer_graph import layer_graph
 from moefx.cli.views import Candidate, candidates, graph_table, module_tree
 from moefx.model import parameter_counts
-from moefx.artifact.model_file import load_model_file
-from tests.cli.helpers import EXAMPLES, moefx as run, write_model_file
+from tests.cli.helpers import EXAMPLES, write_model_file
+from tests.cli.helpers import moefx as run
 
 MOE_OPS = [  # a gated SiLU FFN (Llama); BERT's GELU FFN runs the same without swiglu
     "moefx::route", "moefx::plan_dispatch", "moefx::gather_grouped_linear", "moefx::swiglu", "moefx::grouped_linear_combine",
@@ -172,7 +173,7 @@ def test_layers_that_differ_are_grouped_apart():
     model = Stack()
     moefx.moefy(model, num_experts=2, top_k=1, every=2, example_inputs=(torch.randn(4, 8),))
     console = Console(record=True, width=200, color_system=None)
-    console.print(module_tree(model, candidates(moefx.artifact.record.conversions(model))))
+    console.print(module_tree(model, candidates(moefx.passes.record.conversions(model))))
     text = console.export_text()
     assert "1, 3, 5 (×3) Block" in text, text
     assert "0, 2, …, 6 (×4) Block" in text, text

@@ -7,7 +7,6 @@ import torch
 
 import moefx.kernels  # noqa: F401
 from moefx.kernels import reference
-
 from tests.kernels.cases import all_cases, choices
 
 CASES = list(all_cases())

@@ -3,7 +3,6 @@ import torch
 
 import moefx.kernels  # noqa: F401
 from moefx.kernels import reference
-
 from tests.kernels.cases import SIZES
 
 MODES = [(True, True), (True, False), (False, True)]  # (softmax_first, renormalize)

@@ -46,7 +46,7 @@ def test_layer_matches_slow_loop_outputs_and_all_gradients(name, path):
     want = torch.autograd.grad(ref_out, [ref_x, *layer.parameters()], grad, allow_unused=True, materialize_grads=True)
     names = ["input", *[n for n, _ in layer.named_parameters()]]
     for n, g, w in zip(names, got, want):
-        torch.testing.assert_close(g, w, msg=lambda m: f"gradient of {n}: {m}")
+        torch.testing.assert_close(g, w, msg=lambda m, n=n: f"gradient of {n}: {m}")
 
 
 def test_capacity_drops_exactly_the_defined_choices():

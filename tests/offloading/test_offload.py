@@ -10,11 +10,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import moefx
-from moefx.artifact.save_load import ArtifactError
+from moefx.artifact.format import ArtifactError
 from moefx.layer.experts import GroupedExperts
 from moefx.offloading.store import ExpertLayout, OffloadError, stacked_expert_tensors
-from tests.passes.models import CASES
 from tests.artifact.saved_cases import convert_and_save
+from tests.passes.models import CASES
 
 VOCAB, EXPERTS = 128, 8
 

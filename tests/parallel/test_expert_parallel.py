@@ -97,7 +97,7 @@ def test_checkpoint_saved_at_4_ranks_loads_at_2_and_at_1(tmp_path):
     reference = torch.load(tmp_path / "reference.pt", weights_only=True)
     with torch.no_grad():
         torch.testing.assert_close(loaded(FIXED_X), reference, rtol=1e-6, atol=1e-6)
-    manifest = moefx.artifact.save_load.read_manifest(tmp_path / "checkpoint")
+    manifest = moefx.artifact.format.read_manifest(tmp_path / "checkpoint")
     counts = moefx.model.parameter_counts(single)
     assert manifest["parameters"] == {"total": counts.total, "active_per_token": counts.active_per_token,
                                       "per_expert": counts.expert}

@@ -3,8 +3,8 @@ models written by hand, each with its example inputs and its true number of FFNs
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -18,9 +18,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 
+from moefx.kernels.cuda.tuning import TileConfig, matmul_candidates, outer_candidates
 from moefx.kernels.triton.grouped_linear import GROUP_M, _segment_matmul_kernel, _segment_outer_kernel
 from moefx.kernels.triton.route import _route_kernel
-from moefx.kernels.cuda.tuning import TileConfig, matmul_candidates, outer_candidates
 
 HOPPER = GPUTarget("cuda", 90, 32)
 SIZES = ("S", "N", "O", "I")  # the kernels' row and feature counts: multiples of 16 at the big shape
@@ -121,7 +121,7 @@ def main() -> None:
             registers, stack = registers_and_stack(compiled.asm["cubin"])
             report[name] = {"shared": compiled.metadata.shared, "wgmma": "wgmma" in ptx, "pipelined": "cp.async" in ptx,
                             "registers": registers, "stack": stack}
-        except Exception as e:  # noqa: BLE001  (each failure is reported by name)
+        except Exception as e:
             report[name] = {"error": f"{type(e).__name__}: {str(e)[:2000]}"}
     print(json.dumps(report))
 

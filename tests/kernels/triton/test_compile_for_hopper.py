@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("triton", reason="the Triton kernels need triton (pip install 'moefx[triton]')")
 
-from tests.kernels.triton.hopper_compile import spill_free, variants  # noqa: E402
+from tests.kernels.triton.hopper_compile import spill_free, variants
 
 ROOT = Path(__file__).resolve().parents[3]
 MAX_SHARED_BYTES = 232448  # an H100's shared memory per block (227 KiB)

@@ -12,8 +12,8 @@ if not hasattr(torch, "_grouped_mm"):
 
 from moefx.kernels import reference
 from moefx.kernels.cuda import backends as grouped_linear_backends
-from moefx.kernels.cuda import grouped_mm as grouped_mm_linear  # noqa: E402
-from moefx.kernels.cuda.tuning import ConfigCache  # noqa: E402
+from moefx.kernels.cuda import grouped_mm as grouped_mm_linear
+from moefx.kernels.cuda.tuning import ConfigCache
 
 # Rows per expert, then dropped rows at the end.
 SEGMENTS = {"uneven": ([5, 1, 9], 0), "zero-row-experts": ([0, 6, 0, 3], 0), "dropped-tail": ([4, 0, 5], 6),
@@ -42,7 +42,7 @@ def _reference(x, w, dy, offsets):
 def test_grouped_mm_backend_matches_the_reference(name):
     x, w, dy, offsets = _case(name)
     want_y, want_dx, want_dw = _reference(x, w, dy, offsets)
-    f = lambda t: t.float()  # noqa: E731
+    f = lambda t: t.float()
     torch.testing.assert_close(grouped_mm_linear.forward(f(x), f(w), offsets).double(), want_y, rtol=1e-5, atol=1e-5)
     dx, dw, db = grouped_mm_linear.backward(f(dy), f(x), f(w), offsets, True, True)
     torch.testing.assert_close(dx.double(), want_dx, rtol=1e-5, atol=1e-5)

@@ -8,8 +8,8 @@ import torch
 
 pytest.importorskip("triton", reason="the Triton kernels need triton (pip install 'moefx[triton]')")
 
-import moefx.kernels  # noqa: E402,F401
-from moefx.kernels.triton.route import route  # noqa: E402
+import moefx.kernels  # noqa: F401
+from moefx.kernels.triton.route import route
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

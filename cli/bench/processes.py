@@ -16,7 +16,8 @@ import subprocess
 import sys
 import tempfile
 
-from moefx.cli.bench import HF_IMPLS, fmt, ratio, target_checks
+from moefx.cli.bench.cases import HF_IMPLS
+from moefx.cli.bench.report import fmt, ratio, target_checks
 
 
 def child_argv(argv: list[str], json_path: str) -> list[str]:

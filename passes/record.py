@@ -10,10 +10,12 @@ re-run of the passes needs: they look at structure, not at numbers.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import Tensor, nn
+
+from moefx.passes.options import ConversionOptions
 
 _ATTRIBUTE = "_moefx_conversions"
 _SOURCE = "_moefx_source"  # the model file a loaded model was built from, for the next save
@@ -32,19 +34,19 @@ class ConvertedFFN:
 
 @dataclass(frozen=True)
 class Conversion:
-    options: dict  # moefy's keyword arguments (num_experts, top_k, init, gate, ...), JSON values only
+    options: ConversionOptions  # moefy's options (num_experts, top_k, init, gate, ...); JSON by its as_dict()
     converted: tuple[ConvertedFFN, ...]
     skipped: tuple[tuple[str, str], ...] = ()  # found but not converted: (path, why)
     rejected: tuple[tuple[str, str], ...] = ()  # candidates that are not FFNs: (path, why)
     example_inputs: dict | None = None  # input_spec() of (args, kwargs); None: no inputs were given
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(replace(self, options=None)), "options": self.options.as_dict()}
 
     @classmethod
     def from_dict(cls, data: dict) -> Conversion:
         return cls(
-            options=dict(data["options"]),
+            options=ConversionOptions.from_dict(data["options"]),
             converted=tuple(ConvertedFFN(**c) for c in data["converted"]),
             skipped=tuple(tuple(s) for s in data.get("skipped", ())),
             rejected=tuple(tuple(r) for r in data.get("rejected", ())),

@@ -1,0 +1,49 @@
+"""An ``MoE`` layer whose experts start from a dense FFN: the body of ``MoE.from_ffn``.
+
+It sizes the layer from the ``FFNTemplate`` (d_model, d_hidden, activation, gating, biases), builds
+it on the template's device and dtype, and fills its weights with an init strategy
+(``moefx.init.strategies``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from moefx.init.strategies import INIT_STRATEGIES, init_from_template
+from moefx.init.template import FFNTemplate
+from moefx.layer.config import MoEConfig
+from moefx.layer.moe import MoE
+
+
+def moe_from_ffn(
+    template: FFNTemplate, *, num_experts: int, top_k: int = 2, init: str = "upcycle", drop_fraction: float = 0.5,
+    split_by: str = "contiguous", device=None, dtype=None, layer_class: type[MoE] = MoE, **options,
+) -> MoE:
+    """A ``layer_class`` (an ``MoE``) initialised from ``template`` with strategy ``init``; ``options``
+    are further ``MoEConfig`` fields. Device and dtype default to the template's weights'."""
+    if init not in INIT_STRATEGIES:
+        raise ValueError(f"init={init!r} is unknown: must be one of {list(INIT_STRATEGIES)}")
+    d_hidden = template.d_hidden
+    if init == "split":
+        if d_hidden % num_experts:
+            raise ValueError(
+                f"init='split' partitions d_hidden={d_hidden} among num_experts={num_experts}, which must "
+                f"divide it; choose num_experts among the divisors of {d_hidden}"
+            )
+        d_hidden //= num_experts
+        # The router starts at zero, so each of k experts gets weight 1/k; see ``split`` in moefx.init.strategies.
+        options.setdefault("routed_scale", float(num_experts))
+    activation = template.activation
+    if isinstance(activation, nn.Module):
+        activation = copy.deepcopy(activation)
+    config = MoEConfig(
+        d_model=template.d_model, d_hidden=d_hidden, num_experts=num_experts, top_k=top_k,
+        activation=activation, gated=template.gated, bias=template.has_bias, **options,
+    )
+    weight = template.up_weight
+    device = weight.device if device is None else device
+    moe = layer_class(config, device=device, dtype=weight.dtype if dtype is None else dtype)
+    init_from_template(moe, template, init, drop_fraction=drop_fraction, split_by=split_by)
+    return moe
