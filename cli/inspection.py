@@ -11,9 +11,9 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from moefx.artifact.format import ArtifactError
+from moefx.artifact.format import MANIFEST, ArtifactError
 from moefx.artifact.load import load
-from moefx.artifact.model_file import ModelFileError, load_model_file
+from moefx.artifact.model_file import ACCEPTED_SOURCES, ModelFileError, load_model_file, source_problem
 from moefx.cli.checks import CLIError, options_from_args
 from moefx.cli.layer_graph import layer_graph
 from moefx.cli.views import Candidate, candidates, graph_table, inspect_summary, make_console, module_tree
@@ -26,6 +26,11 @@ from moefx.passes.rewrite import RewriteError
 
 def run_inspect(args: argparse.Namespace) -> int:
     target = Path(args.target)
+    if target.is_dir() and not (target / MANIFEST).is_file():
+        raise CLIError(f"{target} is a directory but not a moefx output (no {MANIFEST} in it): pass a directory that "
+                       f"moefx convert wrote, or {ACCEPTED_SOURCES}", code=2)
+    if target.is_file() and source_problem(target):
+        raise CLIError(f"{source_problem(target)}, or a directory that moefx convert wrote", code=2)
     if target.is_dir():
         given = args.typed_conversion_options
         if given:
@@ -40,7 +45,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         origin = {"kind": "model file", "file": target.name, "entry": entry, "description": f"{target.name}:{entry}"}
         source = str(target.absolute())
     else:
-        raise CLIError(f"{args.target} is neither a model file nor a moefx output directory", code=2)
+        raise CLIError(f"{args.target} does not exist: pass {ACCEPTED_SOURCES}, or a directory that moefx convert wrote", code=2)
     found = candidates(conversions(model))
     layers = list(moe_layers(model))
     chosen = _pick_layer(layers, args.layer)

@@ -94,7 +94,7 @@ def convert_found(
         paths = [m.path for m in found.matches]
         raise ValueError(
             f"include={include!r}, exclude={exclude!r}, every={every} leave none "
-            f"of the FFNs {paths} to convert"
+            f"of the FFNs {paths} to convert: widen include, narrow exclude or lower every"
         )
     (on_stage or (lambda name: None))("rewrite")
     done = rewrite(model, chosen, example_inputs=example_inputs, example_kwargs=example_kwargs, **build)

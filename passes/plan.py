@@ -37,7 +37,7 @@ def plan(matches, include=None, exclude=None, every: int = 1) -> Plan:
         if (i + 1) % every == 0:
             convert.append(m)
         else:
-            skipped.append((m, f"every={every} converts the {every}th, {2 * every}th, ... FFN only"))
+            skipped.append((m, f"every={every} converts the {_ordinal(every)}, {_ordinal(2 * every)}, ... FFN only"))
     return Plan(tuple(convert), tuple(skipped))
 
 
@@ -50,3 +50,8 @@ def _globs(value, name: str) -> list[str]:
     if globs is None or not all(isinstance(g, str) for g in globs):
         raise TypeError(f"{name}={value!r} must be a glob string or a list of them, e.g. 'layers.*.mlp'")
     return globs
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"

@@ -58,12 +58,13 @@ def manifest_for(model: nn.Module, source: dict | None = None) -> dict:
         "moefx_version": __version__, "torch_version": torch.__version__.split("+")[0],
         "source": source,
         "conversions": [c.as_dict() for c in conversions(model)],
-        "moe_layers": [_layer_entry(path, layer) for path, layer in moe_layers(model)],
+        "moe_layers": [layer_entry(path, layer) for path, layer in moe_layers(model)],
         "parameters": {"total": counts.total, "active_per_token": counts.active_per_token, "per_expert": counts.expert},
     }
 
 
-def _layer_entry(path: str, layer) -> dict:
+def layer_entry(path: str, layer) -> dict:
+    """One MoE layer as the manifest lists it (and as ``load`` checks a converted model against)."""
     c = layer.config
     return {
         "path": path, "kind": "glu" if c.gated else "mlp", "d_model": c.d_model, "d_hidden_per_expert": c.d_hidden,

@@ -16,6 +16,7 @@ from torch import nn
 
 from moefx.artifact.format import (
     ArtifactError,
+    layer_entry,
     read_manifest,
     read_tensors,
     tensor_specs,
@@ -56,6 +57,7 @@ def load(
     given, model = model, None if model is None else unwrap(model)
     callers = model is not None  # a model the caller passed must be left as it was if it does not fit
     if model is not None and is_expert_parallel(model):  # this rank's slices only
+        _check_layer_options(model, manifest, out_dir)
         _load_into_expert_parallel(model, out_dir)
         set_model_source(model, source)
         return given
@@ -77,6 +79,7 @@ def load(
             del trial
         _reapply(model, recorded, example_inputs, example_kwargs, out_dir)
         _check_fits(model, shapes, out_dir)
+    _check_layer_options(model, manifest, out_dir)  # same shapes do not make the same routing
     set_model_source(model, source)
     if not weights:
         return given
@@ -181,10 +184,29 @@ def _check_fits(model: nn.Module, shapes: dict[str, tuple], out_dir) -> None:
         if unexpected:
             problems.append(f"model tensors not saved: {unexpected[:5]}")
         if wrong:
-            problems.append(f"shapes differ for {[(n, have[n], shapes[n]) for n in wrong[:3]]}")
+            problems.append("shapes differ: " + ", ".join(f"{n} is {have[n]} in the model, {shapes[n]} saved" for n in wrong[:3]))
         raise ArtifactError(
             f"the model does not fit the weights in {out_dir} ({'; '.join(problems)}): pass the dense model the "
             "output was converted from"
+        )
+
+
+def _check_layer_options(model: nn.Module, manifest: dict, out_dir) -> None:
+    """A model converted before (with other options) can hold tensors of the saved shapes and still
+    route differently (gate, top-k, capacity): filling it would give other outputs, silently."""
+    saved = {entry["path"]: entry for entry in manifest.get("moe_layers", ())}
+    differences = []
+    for path, layer in moe_layers(model):
+        if path not in saved:
+            continue  # _check_fits names tensors that are not in the file
+        mine = layer_entry(path, layer)
+        differences += [f"{path}.{key}: the model's {mine[key]!r}, saved {saved[path][key]!r}"
+                        for key in saved[path] if key in mine and mine[key] != saved[path][key]]
+    if differences:
+        more = f" (and {len(differences) - 3} more)" if len(differences) > 3 else ""
+        raise ArtifactError(
+            f"the model's MoE layers differ from those saved in {out_dir}: {'; '.join(differences[:3])}{more}; "
+            "load into the dense model (or call moefx.load(dir) with no model), or convert it with the saved options"
         )
 
 

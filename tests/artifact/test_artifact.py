@@ -305,3 +305,22 @@ def test_a_long_list_of_expected_ffns_is_shortened():
     paths = [f"model.layers.{i}.mlp" for i in range(32)]
     assert _shortened(paths) == "[model.layers.0.mlp, model.layers.1.mlp, model.layers.2.mlp, model.layers.3.mlp, … (28 more)]"
     assert _shortened(paths[:2]) == "[model.layers.0.mlp, model.layers.1.mlp]"
+
+
+def test_loading_into_a_model_converted_with_other_routing_is_refused(tmp_path):
+    # Same tensor shapes (4 experts of the same size), other gate, top-k and capacity: filling the
+    # model would route differently from the saved one, silently.
+    def converted(**options):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
+        return moefx.moefy(model, num_experts=4, example_inputs=(torch.randn(3, 8),), **options)
+
+    moefx.save(converted(top_k=1, gate="switch", capacity_factor=1.25), tmp_path / "switch")
+    target = converted(top_k=2)
+    before = {name: t.clone() for name, t in target.state_dict().items()}
+    refusal = r"differ from those saved.*top_k: the model's 2, saved 1.*gate: the model's 'topk', saved 'switch'"
+    with pytest.raises(ArtifactError, match=refusal):
+        moefx.load(tmp_path / "switch", target)
+    assert all(torch.equal(t, before[name]) for name, t in target.state_dict().items()), "the model was changed"
+    same = converted(top_k=1, gate="switch", capacity_factor=1.25)
+    assert moefx.load(tmp_path / "switch", same) is same  # the same options load as before

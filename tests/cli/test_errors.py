@@ -185,3 +185,23 @@ def test_a_source_that_is_not_a_model_file_is_a_usage_error(tmp_path, source, wo
     (line,) = result.err.strip().splitlines()
     assert line.startswith("moefx: error: ") and words in line, line
     assert set(tmp_path.iterdir()) == before and result.out == ""
+
+
+@pytest.mark.parametrize("target, words", [
+    ("missing", ["missing does not exist", "a directory that moefx convert wrote"]),
+    ("emptydir", ["emptydir is a directory but not a moefx output", "no moefx.json"]),
+    ("notes.txt", ["notes.txt is not a Python file", "a directory that moefx convert wrote"]),
+])
+def test_inspect_of_something_it_cannot_show_is_a_usage_error(tmp_path, target, words):
+    (tmp_path / "emptydir").mkdir()
+    (tmp_path / "notes.txt").write_text("not a model\n")
+    result = moefx("inspect", target, cwd=tmp_path)
+    assert result.code == 2, result.err
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and all(word in lines[0] for word in words), result.err
+
+
+def test_options_that_leave_nothing_to_convert_name_the_way_out(tmp_path):
+    write_model_file(tmp_path, MLP_MODEL)
+    result = moefx("convert", "model.py", "--include", "nomatch*", cwd=tmp_path)
+    assert result.code != 0 and "widen include, narrow exclude or lower every" in result.err, result.err

@@ -479,3 +479,10 @@ def test_output_that_export_cannot_flatten_is_captured_and_forward_restored():
     custom = model.forward
     assert [m.path for m in moefx.find_ffns(model, (X,))] == ["mlp"]
     assert model.__dict__["forward"] is custom
+
+
+def test_every_names_the_ffns_it_keeps_in_plain_english():
+    from moefx.passes.plan import _ordinal
+
+    assert [_ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 102, 111)] == [
+        "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "102nd", "111th"]
