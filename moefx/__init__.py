@@ -1,7 +1,7 @@
 """moefx: turn the feed-forward blocks of any PyTorch model into Mixture-of-Experts layers.
 
 Public API (README.md; the code's layout: docs/ARCHITECTURE.md): ``moefy``, ``find_ffns``, ``MoE``,
-``MoEConfig``, ``FFNTemplate``, ``moe_layers``, ``aux_loss``, ``update_routing_bias``, ``save``, ``load``,
+``MoEConfig``, ``FFNTemplate``, ``moe_layers``, ``aux_loss``, ``update_routing_bias``, ``add_router_losses``, ``save``, ``load``,
 ``parallelize``, ``expert_parallel_mesh``, ``offload``, ``offload_stats``, ``export``.
 """
 
@@ -16,11 +16,12 @@ from moefx.offloading.offload import OffloadStats, offload, offload_stats
 from moefx.parallel.parallelize import expert_parallel_mesh, parallelize
 from moefx.passes.driver import NoFFNFound, find_ffns, moefy
 from moefx.passes.find_ffn import FFNMatch
+from moefx.training import add_router_losses
 from moefx.version import __version__
 
 __all__ = [
     "FFNMatch", "FFNTemplate", "MoE", "MoEConfig", "MoEStats", "NoFFNFound", "aux_loss", "find_ffns", "moe_layers",
     "OffloadStats", "export", "expert_parallel_mesh", "load", "moefy", "offload", "offload_stats", "parallelize", "save",
-    "update_routing_bias",
+    "add_router_losses", "update_routing_bias",
     "__version__",
 ]

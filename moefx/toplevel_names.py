@@ -7,8 +7,8 @@ The repository keeps ``kernels/``, ``passes/`` and ``cli/`` at its top and insta
 Hugging Face's ``kernels`` (which transformers imports since 5.25) is the case that bit.
 
 Each folder's ``__init__.py`` runs :func:`give_way` when it is imported under its bare name: the
-name is then loaded from wherever it would be found without the repository root, or is missing
-as it would be without us. This file imports nothing of moefx (it runs before moefx exists).
+name is then loaded from wherever it would be found without the repository root, or is an empty
+namespace package, as a folder without ``__init__.py`` would be. This file imports nothing of moefx (it runs before moefx exists).
 """
 
 import importlib.machinery
@@ -43,12 +43,20 @@ def _find_elsewhere(name: str):
 
 
 def give_way(name: str) -> None:
-    """Replace ``sys.modules[name]`` (this repository's folder) by the module another distribution owns."""
+    """Replace ``sys.modules[name]`` (this repository's folder) by the module another distribution owns.
+
+    With no owner, the name becomes what a folder without ``__init__.py`` would give: an empty
+    namespace package (no ``__file__``, no version, no submodules). Raising instead would break a
+    library that probes for the name with ``find_spec`` and then imports it to read its version
+    (transformers 5.17 does so for ``kernels``, and treats an empty namespace package as absent).
+    """
     spec = _find_elsewhere(name)
     if spec is None:
-        raise ModuleNotFoundError(
-            f"No module named {name!r} (this repository's {name}/ folder is the package moefx.{name}; "
-            f"import it as moefx.{name})", name=name)
+        placeholder = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(name, None, is_package=True))
+        placeholder.__path__ = []  # nothing below it: `import name.x` fails as for a missing module
+        placeholder.__doc__ = f"Nothing: this repository's {name}/ folder is the package moefx.{name}."
+        sys.modules[name] = placeholder
+        return
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # the import statement returns what sys.modules holds once we finish
     try:

@@ -16,7 +16,8 @@ LEVELS = [  # lowest first: a module may import from its own level and the ones 
     ("layer", ("moefx.layer", "moefx.model")),
     ("init", ("moefx.init",)),
     ("passes", ("moefx.passes",)),
-    ("uses of a converted model", ("moefx.artifact", "moefx.parallel", "moefx.offloading", "moefx.exporting")),
+    ("uses of a converted model", ("moefx.artifact", "moefx.parallel", "moefx.offloading", "moefx.exporting",
+                                   "moefx.training")),
     ("public API", ("moefx",)),
     ("cli", ("moefx.cli", "moefx.__main__")),
 ]
