@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("target", metavar="MODEL_PY|OUT_DIR", help="a model file, or a moefx convert output directory")
     _conversion_options(inspect)
     inspect.add_argument("--layer", metavar="PATH", help="the MoE layer whose graph to show (default: the first)")
-    inspect.add_argument("--full", action="store_true", help="show every module and graph step (default: alike layers once)")
+    inspect.add_argument("--full", action="store_true", help="show alike layers one by one, and every graph step")
     _common(inspect)
 
     export = commands.add_parser("export", help="export a moefx convert output for deployment (pt2, AOTInductor, TensorRT)")
