@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from torch import nn
 
 from moefx.artifact.atomic import refuse_existing
 from moefx.artifact.format import MANIFEST, read_manifest
 from moefx.artifact.model_file import ModelFile, ModelFileError, load_model_file
 from moefx.artifact.save import save
+from moefx.artifact.tensors import meta_twins
 from moefx.cli.checks import CLIError, check_model_file, options_from_args
 from moefx.cli.views import count_text, make_console, summary_table
 from moefx.model import expert_size, moe_layers, parameter_counts
@@ -116,14 +116,7 @@ def _dry_run(model, found, options: ConversionOptions, inputs, kwargs, stage):
     """The conversion done on a copy of ``model`` whose tensors are on the meta device: what
     converts and the parameter counts after, with no memory for weights, the model untouched and
     nothing written. Returns ``(conversion, counts after, the converted copy)``."""
-    twins = {}
-    for module in model.modules():
-        for table in (module._parameters, module._buffers):
-            for tensor in table.values():
-                if tensor is not None and id(tensor) not in twins:  # a tied tensor keeps one twin
-                    meta = torch.empty_like(tensor, device="meta")
-                    twins[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
-    copy = deepcopy(model, twins)
+    copy = deepcopy(model, meta_twins(model))  # tied tensors keep one twin
     try:
         conversion = convert_found(copy, found, options, example_inputs=inputs, example_kwargs=kwargs, on_stage=stage)
     except (NoFFNFound, RewriteError, ValueError) as err:

@@ -29,8 +29,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     if target.is_dir() and not (target / MANIFEST).is_file():
         raise CLIError(f"{target} is a directory but not a moefx output (no {MANIFEST} in it): pass a directory that "
                        f"moefx convert wrote, or {ACCEPTED_SOURCES}", code=2)
-    if target.is_file() and source_problem(target):
-        raise CLIError(f"{source_problem(target)}, or a directory that moefx convert wrote", code=2)
+    if target.is_file() and (problem := source_problem(target)):
+        raise CLIError(f"{problem}, or a directory that moefx convert wrote", code=2)
     if target.is_dir():
         given = args.typed_conversion_options
         if given:

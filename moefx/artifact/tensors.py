@@ -18,7 +18,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def _meta_twins(model: nn.Module) -> dict[int, Tensor]:
+def meta_twins(model: nn.Module) -> dict[int, Tensor]:
     """A meta tensor for each parameter and buffer, by the id of the original: one per tensor, so a
     tensor several modules hold (tied embeddings) keeps one twin. The caller keeps the originals
     alive while it uses the ids."""
@@ -36,7 +36,7 @@ def meta_copy(model: nn.Module) -> nn.Module | None:
     """A deep copy of ``model`` whose parameters and buffers are on meta (tied ones still tied);
     None for a model that cannot be copied (it holds a lock, say)."""
     try:
-        return copy.deepcopy(model, _meta_twins(model))
+        return copy.deepcopy(model, meta_twins(model))
     except Exception:
         log.debug("cannot copy %s to check the fit first", type(model).__name__, exc_info=True)
         return None
@@ -46,7 +46,7 @@ def to_meta_keeping_ties(model: nn.Module) -> None:
     """``model.to("meta")``, except that a tensor several modules hold (tied embeddings) stays one
     tensor: ``.to`` gives each holder a copy of its own, so the saved file, which has the tied
     tensor once, would then miss the others."""
-    twins = _meta_twins(model)  # built before any swap, while every original is alive
+    twins = meta_twins(model)  # built before any swap, while every original is alive
     for module in model.modules():
         for table in (module._parameters, module._buffers):
             for key, old in table.items():
