@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,11 +16,19 @@ EQUIVALENCE = [f"equivalence:{routing}:{capacity}"
                for routing in ("random", "rank1_idle", "all_to_rank0") for capacity in ("none", "capacity")]
 
 
+# A rank killed by the C++ runtime (std::terminate in a thread: SIGABRT, no Python error) was seen
+# about once in three full CPU runs with gloo, in training and at exit, with every printed result
+# right. Its cause is not found (see the closing note of session 12): such a launch is tried once
+# more, with a warning; any other failure, and a second abort, fail the test.
+_RUNTIME_ABORT = "terminate called without an active exception"
+
+
 def torchrun(nproc: int, script: Path, *args: str, timeout: int = 240) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script), *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script), *args]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0 and _RUNTIME_ABORT in done.stderr:
+        warnings.warn(f"torchrun {script.name} {' '.join(args)}: a rank aborted in the C++ runtime; trying once more", stacklevel=2)
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     return done.stdout
 
