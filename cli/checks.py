@@ -40,6 +40,7 @@ def options_from_args(args: argparse.Namespace) -> ConversionOptions:
         return ConversionOptions(
             num_experts=args.experts, top_k=args.top_k, init=args.init, gate=args.gate,
             capacity_factor=args.capacity_factor, include=args.include, exclude=args.exclude, every=args.every,
+            router_init=args.router_init, seed=getattr(args, "seed", 0),
             moe_options=_sigmoid_options(args),
         )
     except InvalidOption as err:

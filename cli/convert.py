@@ -1,4 +1,5 @@
-"""``moefx convert MODEL_PY --experts N``: load, capture, match, rewrite, write; then a summary."""
+"""``moefx convert MODEL_PY --experts N``: load, capture, match, rewrite, write; then a summary (a checkpoint
+source goes to ``convert_checkpoint``)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,15 @@ import torch
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from moefx.artifact.atomic import refuse_existing
-from moefx.artifact.format import MANIFEST, read_manifest
+from moefx.artifact.checkpoint_source import is_checkpoint_source
+from moefx.artifact.format import read_manifest
 from moefx.artifact.model_file import ModelFile, ModelFileError, load_model_file
 from moefx.artifact.save import save
 from moefx.artifact.tensors import meta_twins
+from moefx.cli.calibration import check_calibration_flag, read_calibration
 from moefx.cli.checks import CLIError, check_model_file, options_from_args
 from moefx.cli.views import count_text, make_console, summary_table
+from moefx.converting import MARKERS
 from moefx.model import expert_size, moe_layers, parameter_counts
 from moefx.passes.capture import CaptureError
 from moefx.passes.driver import ConversionOptions, NoFFNFound, convert_found, search
@@ -30,11 +34,17 @@ STAGES = {"load": "loading the model file", "capture": "capturing the graph", "m
 
 def run_convert(args: argparse.Namespace) -> int:
     options = options_from_args(args)
+    check_calibration_flag(args, options.router_init)
+    if is_checkpoint_source(args.model_py):  # streamed; it refuses router_init kmeans (a forward over real weights)
+        from moefx.cli.convert_checkpoint import run_convert_checkpoint
+
+        return run_convert_checkpoint(args, options)
+    _check_shard_size(args)
     file = check_model_file(args.model_py)
     out = Path(args.out or f"{file.stem}-moefx")
     if not args.dry_run:
         try:
-            refuse_existing(out.absolute(), args.force, marker=MANIFEST)
+            refuse_existing(out.absolute(), args.force, marker=MARKERS[args.format])
         except FileExistsError as err:
             raise CLIError(str(err), code=2) from None
     with _progress(enabled=not args.json) as stage:
@@ -49,18 +59,23 @@ def run_convert(args: argparse.Namespace) -> int:
         if not found.matches:
             hint = f" (rejected candidates: {len(found.rejected)}; moefx inspect {args.model_py} shows why)" if found.rejected else ""
             raise CLIError(f"no feed-forward block found in {file.name} ({type(model).__name__}); nothing written{hint}")
+        calibration = None
+        if args.calibration:
+            tokenizer_dir = file if file.is_dir() else None  # a checkpoint directory has its tokenizer
+            calibration = read_calibration(args.calibration, model, inputs or (), kwargs or {}, tokenizer_dir)
         if args.dry_run:
             planned = _dry_run(model, found, options, inputs, kwargs, stage)
             return _report_dry_run(args, file, model, found, planned, before)
         try:
-            conversion = convert_found(model, found, options, example_inputs=inputs, example_kwargs=kwargs, on_stage=stage)
+            conversion = convert_found(model, found, options, example_inputs=inputs, example_kwargs=kwargs, on_stage=stage,
+                                       calibration=calibration)
         except (NoFFNFound, RewriteError, ValueError) as err:
             raise CLIError(f"{err}; nothing written") from err
         stage("write")
         source = {"file": str(built.path), "entry": built.entry, "dtype": args.dtype}
-        save(model, out, force=args.force, source=source)
+        _write(model, out, args, source)
     if args.json:
-        manifest = read_manifest(out)  # what was written
+        manifest = read_manifest(out) if args.format == "moefx" else {"format": "hf"}  # what was written
         print(json.dumps({"output": str(out.absolute()), **manifest}, indent=2))
         return 0
     after = parameter_counts(model)
@@ -70,7 +85,9 @@ def run_convert(args: argparse.Namespace) -> int:
         ("converted", _paths([c.path for c in conversion.converted])),
         ("not converted", _paths([p for p, _ in conversion.skipped]) if conversion.skipped else "none"),
         ("candidates rejected", str(len(found.rejected))),
-        ("MoE", f"{args.experts} experts, top-{args.top_k}, gate {args.gate}, init {args.init}"),
+        ("MoE", f"{args.experts} experts, top-{args.top_k}, gate {args.gate}, init {args.init}, "
+                f"router init {options.router_init}"
+                + (f" ({conversion.router_calibration})" if conversion.router_calibration else "")),
         ("parameters", f"{_count(before.total)} → {_count(after.total)}"),
         ("active per token", _count(after.active_per_token)),
         ("expert size", _expert_sizes(model)),
@@ -78,6 +95,32 @@ def run_convert(args: argparse.Namespace) -> int:
     ]
     make_console().print(summary_table("moefx convert", rows))
     return 0
+
+
+def _write(model, out: Path, args, source: dict) -> None:
+    """The converted model in ``--format``: moefx's own directory, or a native transformers MoE checkpoint."""
+    from moefx.artifact.shards import parse_size
+    from moefx.converting import native_writer
+
+    if args.format == "hf":
+        try:
+            native_writer()(model, out, max_shard_size=parse_size(args.max_shard_size), force=args.force)
+        except ValueError as err:
+            raise CLIError(f"{err}; nothing written") from err
+        return
+    save(model, out, force=args.force, source=source)
+
+
+def _check_shard_size(args) -> None:
+    from moefx.artifact.shards import parse_size
+
+    try:
+        parse_size(args.max_shard_size)
+    except ValueError as err:
+        raise CLIError(str(err).replace("max_shard_size=", "--max-shard-size "), code=2) from None
+    if args.max_shard_size is not None and args.format == "moefx":
+        raise CLIError("--max-shard-size applies to a checkpoint source or --format hf; a model file's moefx output is "
+                       "one file: leave it out", code=2)
 
 
 def _expert_sizes(model) -> str:

@@ -1,7 +1,12 @@
-"""``moefx export OUT_DIR --format {pt2,aoti,tensorrt}``: a moefx convert output, exported for
+"""``moefx export OUT_DIR --format {pt2,aoti,tensorrt,hf}``: a moefx convert output, exported for
 deployment (``moefx.exporting``). The model file the output records is imported to rebuild the
 model and to give the example inputs (token inputs' batch and sequence sizes are dynamic; other
-shapes are the example's). It ends with the exact Python line that loads the result."""
+shapes are the example's). It ends with the exact Python line that loads the result.
+
+``--format hf`` writes the converted transformers model as its native MoE family instead
+(``moefx.artifact.hf_native``: Llama -> Mixtral, ...), a directory that
+``AutoModelForCausalLM.from_pretrained`` loads without moefx; the tokenizer and generation config
+come from the checkpoint the output was converted from, when it is still there."""
 
 from __future__ import annotations
 
@@ -15,9 +20,13 @@ from pathlib import Path
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
+from moefx.artifact.atomic import refuse_existing
 from moefx.artifact.format import ArtifactError, read_manifest
+from moefx.artifact.hf_native import NativeFormatError, write_native
+from moefx.artifact.hf_native.write import CONFIG, DEFAULT_SHARD_SIZE
 from moefx.artifact.load import load, recorded_model_file
 from moefx.artifact.model_file import ModelFileError, load_model_file
+from moefx.artifact.shards import parse_size
 from moefx.cli.checks import CLIError
 from moefx.cli.convert import cast_inputs
 from moefx.cli.views import make_console, summary_table
@@ -39,6 +48,10 @@ def run_export(args: argparse.Namespace) -> int:
         manifest = read_manifest(out_dir)
     except ArtifactError as err:
         raise CLIError(str(err), code=2) from err
+    if args.format == "hf":
+        return _export_native(args, out_dir, manifest)
+    if args.max_shard_size is not None:
+        raise CLIError(f"--max-shard-size is for --format hf; --format {args.format} writes one file", code=2)
     target = Path(args.output) if args.output else out_dir / DEFAULT_NAMES[args.format]
     if target.exists() and not args.force:
         raise CLIError(f"{target} exists: pass --force to replace it, or -o another file", code=2)
@@ -84,6 +97,45 @@ def run_export(args: argparse.Namespace) -> int:
     make_console().print(summary_table("moefx export", rows))
     print(f"load with: {load_line}")  # plain, never wrapped: it is meant to be copied
     return 0
+
+
+def _export_native(args: argparse.Namespace, out_dir: Path, manifest: dict) -> int:
+    target = Path(args.output) if args.output else out_dir / "hf"
+    started = time.perf_counter()
+    try:
+        parse_size(args.max_shard_size or DEFAULT_SHARD_SIZE)  # a bad size is refused before the model is built
+        refuse_existing(target.absolute(), args.force, marker=CONFIG)
+    except (ValueError, FileExistsError) as err:
+        raise CLIError(str(err), code=2) from err
+    try:
+        model = load(out_dir)
+    except (ArtifactError, ModelFileError, CaptureError) as err:
+        raise CLIError(f"cannot load {out_dir}: {err}") from err
+    try:
+        write_native(model, target, max_shard_size=args.max_shard_size, source_dir=_checkpoint_dir(manifest, out_dir),
+                     force=args.force)
+    except NativeFormatError as err:
+        raise CLIError(f"{err}; or export another format (--format pt2)") from err
+    seconds = time.perf_counter() - started
+    size = sum(f.stat().st_size for f in target.glob("*.safetensors"))
+    load_line = f"import transformers; model = transformers.AutoModelForCausalLM.from_pretrained({str(target.absolute())!r})"
+    if args.json:
+        print(json.dumps({"output": str(target.absolute()), "format": "hf", "bytes": size, "seconds": round(seconds, 2),
+                          "architecture": json.loads((target / CONFIG).read_text())["architectures"][0], "load": load_line},
+                         indent=2))
+        return 0
+    rows = [("from", str(out_dir.absolute())), ("format", "hf (native transformers MoE)"),
+            ("output", f"{target.absolute()} ({size / 2**20:.1f} MiB, {seconds:.1f} s)")]
+    make_console().print(summary_table("moefx export", rows))
+    print(f"load with: {load_line}")
+    return 0
+
+
+def _checkpoint_dir(manifest: dict, out_dir: Path) -> Path | None:
+    """The transformers checkpoint the output was converted from (for its tokenizer), if still there."""
+    source = manifest.get("source") or {}
+    candidates = [source.get("checkpoint"), source.get("checkpoint_from_output") and out_dir / source["checkpoint_from_output"]]
+    return next((Path(c) for c in candidates if c and Path(c).is_dir()), None)
 
 
 def load_instruction(target: Path, format: str) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from moefx.artifact.format import MANIFEST, ArtifactError
 from moefx.artifact.load import load
-from moefx.artifact.model_file import ACCEPTED_SOURCES, ModelFileError, load_model_file, source_problem
+from moefx.artifact.model_file import MODEL_FILE_SOURCE, ModelFileError, load_model_file, source_problem
 from moefx.cli.checks import CLIError, options_from_args
 from moefx.cli.layer_graph import layer_graph
 from moefx.cli.views import Candidate, candidates, graph_table, inspect_summary, make_console, module_tree
@@ -28,7 +28,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     target = Path(args.target)
     if target.is_dir() and not (target / MANIFEST).is_file():
         raise CLIError(f"{target} is a directory but not a moefx output (no {MANIFEST} in it): pass a directory that "
-                       f"moefx convert wrote, or {ACCEPTED_SOURCES}", code=2)
+                       f"moefx convert wrote, or {MODEL_FILE_SOURCE}", code=2)
     if target.is_file() and (problem := source_problem(target)):
         raise CLIError(f"{problem}, or a directory that moefx convert wrote", code=2)
     if target.is_dir():
@@ -45,7 +45,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         origin = {"kind": "model file", "file": target.name, "entry": entry, "description": f"{target.name}:{entry}"}
         source = str(target.absolute())
     else:
-        raise CLIError(f"{args.target} does not exist: pass {ACCEPTED_SOURCES}, or a directory that moefx convert wrote", code=2)
+        raise CLIError(f"{args.target} does not exist: pass {MODEL_FILE_SOURCE}, or a directory that moefx convert wrote", code=2)
     found = candidates(conversions(model))
     layers = list(moe_layers(model))
     chosen = _pick_layer(layers, args.layer)
@@ -91,6 +91,7 @@ def _summary(model, found: list[Candidate], layers, source: dict, before: int | 
         "model": type(model).__name__,
         "source": source,
         "options": next((c.options.as_dict() for c in reversed(recorded) if c.converted), None),
+        "router_calibration": next((c.router_calibration for c in reversed(recorded) if c.converted), None),
         "ffns": {"found": status.count("converted") + status.count("skipped"), "converted": status.count("converted"),
                  "skipped": status.count("skipped"), "rejected": status.count("rejected")},
         "moe_layers": len(layers),

@@ -15,10 +15,13 @@ import traceback
 
 from moefx.cli.checks import CLIError
 from moefx.exporting import FORMATS
+from moefx.init.router_init import ROUTER_INITS
 from moefx.init.strategies import INIT_STRATEGIES
 from moefx.layer.config import GATES
 
 DTYPES = ("float32", "float16", "bfloat16")
+CONVERT_FORMATS = ("moefx", "hf")
+EXPORT_FORMATS = (*FORMATS, "hf")  # hf: moefx.artifact.hf_native, not a torch.export program
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,10 +36,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=_PrintVersion)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    convert = commands.add_parser("convert", help="convert a model file's FFNs to MoE and write the result")
-    convert.add_argument("model_py", metavar="MODEL_PY", help="a Python file defining build_model() (or model) and example_inputs()")
+    convert = commands.add_parser("convert", help="convert a model file's or a checkpoint's FFNs to MoE and write the result")
+    convert.add_argument("model_py", metavar="SOURCE", help="a Python file defining build_model() (or model) and example_inputs(), "
+                         "a transformers checkpoint directory, or a hub id in the local Hugging Face cache")
     _conversion_options(convert)
+    convert.add_argument("--calibration", metavar="FILE",
+                         help="--router-init kmeans: token ids (.safetensors, .pt, or a .txt of integers) or text "
+                              "(a .txt, tokenised with the checkpoint's tokenizer) to cluster hidden states on "
+                              "(default: the example inputs)")
     convert.add_argument("--dtype", choices=DTYPES, help="cast the model to this dtype before converting (default: as built)")
+    convert.add_argument("--format", default="moefx", type=_choice("--format", CONVERT_FORMATS), metavar="{moefx,hf}",
+                         help="moefx: read back with moefx.load; hf: a native transformers MoE checkpoint (default moefx)")
+    convert.add_argument("--max-shard-size", metavar="SIZE", help="largest weight file, e.g. 5GB or 500MiB (default: one file)")
+    convert.add_argument("--batch", type=_int("--batch"), default=1, metavar="B",
+                         help="a checkpoint's example inputs: B sequences of token ids (default 1)")
+    convert.add_argument("--seq-len", type=_int("--seq-len"), default=16, metavar="T",
+                         help="a checkpoint's example inputs: T tokens each (default 16)")
+    convert.add_argument("--seed", type=_int("--seed"), default=0, metavar="S",
+                         help="seeds each layer's random parts (router, drop-upcycle) with S and its path (default 0)")
     convert.add_argument("-o", "--out", metavar="DIR", help="output directory (default: ./<model file name>-moefx)")
     convert.add_argument("--dry-run", action="store_true", help="find and plan, write nothing")
     convert.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -49,11 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--full", action="store_true", help="show alike layers one by one, and every graph step")
     _common(inspect)
 
-    export = commands.add_parser("export", help="export a moefx convert output for deployment (pt2, AOTInductor, TensorRT)")
+    export = commands.add_parser("export", help="export a moefx convert output for deployment (pt2, AOTInductor, TensorRT, "
+                                 "native transformers MoE)")
     export.add_argument("out_dir", metavar="OUT_DIR", help="a moefx convert output directory")
-    export.add_argument("--format", default="pt2", type=_choice("--format", FORMATS), metavar="{" + ",".join(FORMATS) + "}",
-                        help="pt2: torch.export program; aoti: AOTInductor package; tensorrt: Torch-TensorRT (default pt2)")
-    export.add_argument("-o", "--output", metavar="FILE", help="where to write (default: OUT_DIR/model[.aoti|.trt].pt2)")
+    export.add_argument("--format", default="pt2", type=_choice("--format", EXPORT_FORMATS), metavar="{" + ",".join(EXPORT_FORMATS) + "}",
+                        help="pt2: torch.export program; aoti: AOTInductor package; tensorrt: Torch-TensorRT; hf: a native "
+                             "transformers MoE checkpoint, e.g. Llama -> Mixtral (default pt2)")
+    export.add_argument("-o", "--output", metavar="FILE", help="where to write (default: OUT_DIR/model[.aoti|.trt].pt2; "
+                        "for hf a directory, OUT_DIR/hf)")
+    export.add_argument("--max-shard-size", metavar="SIZE", help="--format hf: largest weight file, e.g. 5GB or 500MB (default 5GB)")
     export.add_argument("--device", default="cpu", help="device to export for (tensorrt needs cuda; default cpu)")
     export.add_argument("--force", action="store_true", help="replace an existing file")
     _common(export)
@@ -88,6 +109,9 @@ def _conversion_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts", type=_int("--experts"), default=8, metavar="N", help="experts per MoE layer, >= 2 (default 8)")
     p.add_argument("--top-k", type=_int("--top-k"), metavar="K", help="experts per token, 1..N (default 2; 1 for --gate switch)")
     p.add_argument("--init", default="upcycle", type=_choice("--init", INIT_STRATEGIES), metavar="{" + ",".join(INIT_STRATEGIES) + "}")
+    p.add_argument("--router-init", type=_choice("--router-init", ROUTER_INITS), metavar="{" + ",".join(ROUTER_INITS) + "}",
+                   help="where routers start: random, weights (from each expert's own rows), kmeans (centroids of "
+                        "hidden states); default weights for --init split, else random")
     p.add_argument("--gate", default="topk", type=_choice("--gate", GATES), metavar="{" + ",".join(GATES) + "}")
     p.add_argument("--capacity-factor", type=_float("--capacity-factor"), metavar="F", help="> 0; default: dropless")
     p.add_argument("--expert-groups", type=_int("--expert-groups"), default=1, metavar="G",

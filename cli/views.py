@@ -220,7 +220,7 @@ def inspect_summary(summary: dict) -> Table:
     source, counts, params = summary["source"], summary["ffns"], summary["parameters"]
     rows = [("model", f"{summary['model']} from {_escape(source['description'])}")]
     if summary["options"] is not None:
-        rows.append(("options", _escape(options_text(summary["options"]))))
+        rows.append(("options", _escape(options_text(summary["options"], summary.get("router_calibration")))))
     rows.append(("FFNs", f"{counts['found']} found, {counts['converted']} converted"
                          + (f", {counts['skipped']} skipped" if counts["skipped"] else "")
                          + f"; {counts['rejected']} other candidates rejected"))
@@ -233,12 +233,14 @@ def inspect_summary(summary: dict) -> Table:
     return summary_table("moefx inspect", rows)
 
 
-def options_text(options: dict) -> str:
+def options_text(options: dict, calibration: str | None = None) -> str:
     """``8 experts, top-2, gate topk, init upcycle, dropless`` and what else was given."""
     parts = [f"{options['num_experts']} experts", f"top-{options['top_k']}", f"gate {options.get('gate', 'topk')}",
              f"init {options.get('init', 'upcycle')}"]
     capacity = options.get("capacity_factor")
     parts.append("dropless" if capacity is None else f"capacity factor {capacity}")
+    if options.get("router_init"):
+        parts.append(f"router init {options['router_init']}" + (f" ({calibration})" if calibration else ""))
     for key in ("include", "exclude"):
         if options.get(key):
             parts.append(f"{key} {' '.join(options[key])}")

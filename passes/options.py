@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
+from moefx.init.router_init import ROUTER_INITS, default_router_init
 from moefx.init.strategies import INIT_STRATEGIES, SPLIT_METHODS
 from moefx.layer.config import InvalidOption, check_layer_options
 
@@ -27,7 +28,8 @@ MIN_EXPERTS = 2
 class ConversionOptions:
     """What ``moefy`` converts and how: ``num_experts``, ``top_k``, ``init``, ``gate``,
     ``capacity_factor`` (None: dropless), the FFNs chosen (``include``/``exclude`` globs, ``every``),
-    the init's ``drop_fraction`` and ``split_by``, and ``moe_options``: further ``MoEConfig`` fields
+    the init's ``drop_fraction`` and ``split_by``, ``router_init`` (``random``, ``weights`` or ``kmeans``;
+    None: the init's default, filled in), and ``moe_options``: further ``MoEConfig`` fields
     given to every MoE layer (read-only)."""
 
     num_experts: int = 8
@@ -40,6 +42,8 @@ class ConversionOptions:
     every: int = 1
     drop_fraction: float = 0.5
     split_by: str = "contiguous"
+    router_init: str | None = None  # None: the init's default (moefx.init.router_init.default_router_init)
+    seed: int = 0  # each layer's random parts (router, drop-upcycle) from a generator seeded by this and its path
     moe_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -68,6 +72,13 @@ class ConversionOptions:
                                 allowed=allowed, bounds=(MIN_EXPERTS, None))
         check_layer_options(num_experts=n, top_k=self.top_k, gate=self.gate, capacity_factor=self.capacity_factor,
                             **self.moe_options)
+        if self.router_init is None:
+            object.__setattr__(self, "router_init", default_router_init(self.init, self.top_k, self.num_experts))
+        _known("router_init", self.router_init, ROUTER_INITS)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            allowed = "it must be an integer >= 0"
+            raise InvalidOption(f"seed={self.seed!r} is invalid: {allowed}", field="seed", value=self.seed,
+                                allowed=allowed, bounds=(0, None))
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
             allowed = "it must be an integer >= 1 (1 converts every FFN)"
             raise InvalidOption(f"every={self.every!r} is invalid: {allowed}", field="every", value=self.every,

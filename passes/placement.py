@@ -10,7 +10,8 @@ matched region is covered by the shallowest module calls that compute nothing bu
   first becomes the MoE, the others ``Folded`` pass-throughs, so the code around them (BERT's
   dropout + residual + LayerNorm) runs unchanged.
 - ``inline``: the FFN is written in a bigger forward (``F.linear`` on parameters): that forward
-  is re-traced with ``torch.fx`` and the region replaced by a call to a new MoE submodule.
+  is re-traced with ``torch.fx`` and the region replaced by a call to a new MoE submodule. The
+  forward of the model itself (parent ``""``) is rewritten the same way: the object stays.
 
 The activation is a list of pieces, described here and built by ``rewrite``: a module the FFN
 calls (moved into the MoE as it is, so it keeps its own train/eval behaviour and parameters), a
@@ -87,15 +88,10 @@ def place(calls: list[list[fx.Node]], entry: fx.Node, act_nodes, act_source, mid
     if keys and _is_chain(region, entry, covers, keys, loose, index, gm):
         paths = [index.paths[k] for k in keys]
         return Placement("fold", paths[0], folded=tuple(paths[1:]), pieces=pieces)
-    parent = _common_scope(region)
-    if not parent:
-        return (
-            "written inline in the forward of the model itself; moefy rewrites submodules in place and cannot "
-            "replace the root: put the FFN in a submodule, or wrap the model (e.g. nn.Sequential(model))"
-        )
+    parent = _common_scope(region)  # "": the forward of the model itself, rewritten the same way
     up_weight = next(n for n in region if n.op == "call_function" and op_name(n) == "moefx.linear").args[1]
     relative = up_weight.target.removeprefix(parent + ".").removesuffix(".weight").replace(".", "_")
-    return Placement("inline", f"{parent}.{relative}_moe", parent=parent, pieces=pieces)
+    return Placement("inline", f"{parent}.{relative}_moe" if parent else f"{relative}_moe", parent=parent, pieces=pieces)
 
 
 def _is_chain(region, entry, covers, keys, loose, index, gm) -> bool:

@@ -39,6 +39,8 @@ class Conversion:
     skipped: tuple[tuple[str, str], ...] = ()  # found but not converted: (path, why)
     rejected: tuple[tuple[str, str], ...] = ()  # candidates that are not FFNs: (path, why)
     example_inputs: dict | None = None  # input_spec() of (args, kwargs); None: no inputs were given
+    router_calibration: str | None = None  # router_init="kmeans": the inputs its forward ran on
+    adopted: dict | None = None  # existing MoE blocks made moefx layers: path → moefx.passes.adopt's record
 
     def as_dict(self) -> dict:
         return {**asdict(replace(self, options=None)), "options": self.options.as_dict()}
@@ -51,6 +53,8 @@ class Conversion:
             skipped=tuple(tuple(s) for s in data.get("skipped", ())),
             rejected=tuple(tuple(r) for r in data.get("rejected", ())),
             example_inputs=data.get("example_inputs"),
+            router_calibration=data.get("router_calibration"),
+            adopted=data.get("adopted"),
         )
 
 

@@ -19,7 +19,7 @@ from moefx.passes.graph import normal_form
 from moefx.passes.graph.dominance import Dominance
 from moefx.passes.graph.feature_axis import feature_axis
 from moefx.passes.graph.normal_form import Linear
-from moefx.passes.graph.ops import ROUTING, TRANSPARENT, is_pointwise, module_scope, op_name
+from moefx.passes.graph.ops import ROUTING, TRANSPARENT, is_pointwise, module_scope, op_name, shape_of
 
 
 @dataclass
@@ -79,9 +79,15 @@ def verify(region: Region, gm, routing_scopes: dict, dominance: Dominance) -> st
                 "ops only between its projections (no reshapes, norms or per-channel parameters)"
             )
     axis = feature_axis(region.entry, gm)
-    if axis is not None and axis != -1 and not region.up.channels_first:  # a 1x1 convolution's axis is 1
+    if axis is not None and axis != -1 and not region.up.channels_first:
         return (
             f"token-mixing MLP: its input's last axis is not the feature axis (features are on axis {axis}), "
+            "so it acts across the sequence, not on each token"
+        )
+    shape = shape_of(region.entry)
+    if region.up.channels_first and axis is not None and shape is not None and axis % len(shape) != 1:
+        return (  # a 1x1 convolution reads axis 1: over [batch, sequence, features] that is the sequence
+            f"token-mixing MLP: its 1x1 convolutions read axis 1, but its input's features are on axis {axis}, "
             "so it acts across the sequence, not on each token"
         )
     inside = set(region.nodes)

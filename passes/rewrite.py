@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from moefx.init.seeding import seeded
 from moefx.init.template import FFNTemplate
 from moefx.layer.activations import ACTIVATIONS, make_activation
 from moefx.layer.folded import Folded
@@ -63,10 +64,7 @@ def rewrite(
     for match in plan.convert:
         if match.path in skipped:
             continue
-        template = _template(model, match)
-        layer_options = dict(options, feature_axis=1) if match.channels_first else options
-        moe = MoE.from_ffn(template, num_experts=num_experts, top_k=top_k, init=init, **layer_options)
-        del template
+        moe = layer_for(model, match, num_experts=num_experts, top_k=top_k, init=init, **options)
         placement = match.placement
         # The new modules take the train/eval mode of what they replace (a model converted in
         # eval mode must not route, or drop out, as in training).
@@ -80,6 +78,17 @@ def rewrite(
                 _replace_module(model, path, Folded(into=placement.path).train(replaced.training))
         converted.append(Converted(match, moe))
     return Rewritten(tuple(converted), tuple((m, skipped[m.path]) for m in plan.convert if m.path in skipped))
+
+
+def layer_for(model: nn.Module, match: FFNMatch, *, num_experts: int, top_k: int, init: str, seed: int = 0,
+              **options) -> MoE:
+    """The MoE that replaces ``match``, built from the FFN's weights in ``model``. Its random parts come
+    from the layer's own generator (``moefx.init.seeding``): streaming a checkpoint, which builds one
+    layer at a time (``moefx.artifact.streaming``), builds the same layer."""
+    template = _template(model, match)
+    layer_options = dict(options, feature_axis=1) if match.channels_first else options
+    with seeded(seed, match.path, template.up_weight.device):
+        return MoE.from_ffn(template, num_experts=num_experts, top_k=top_k, init=init, **layer_options)
 
 
 def _template(model: nn.Module, match: FFNMatch) -> FFNTemplate:

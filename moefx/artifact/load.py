@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moefx.artifact.checkpoint_source import meta_model_from_record
 from moefx.artifact.format import (
     ArtifactError,
     layer_entry,
@@ -61,7 +62,9 @@ def load(
         _load_into_expert_parallel(model, out_dir)
         set_model_source(model, source)
         return given
-    if model is None:
+    if model is None and (manifest.get("source") or {}).get("config"):  # converted from a checkpoint directory
+        model = given = meta_model_from_record(manifest["source"])  # its config is in the manifest
+    elif model is None:
         source = recorded_model_file(manifest, Path(out_dir), otherwise="pass the dense model, moefx.load(dir, model=...)")
         built = load_model_file(source["file"], source.get("entry"))
         model = given = built.model
@@ -91,6 +94,9 @@ def recorded_model_file(manifest: dict, out_dir: Path, *, otherwise: str) -> dic
     """The output's model file (``found_source``), or an ArtifactError that says why there is none
     and ends with the ``otherwise`` fix."""
     recorded = (manifest.get("source") or {}).get("file")
+    checkpoint = (manifest.get("source") or {}).get("checkpoint")
+    if not recorded and checkpoint:
+        raise ArtifactError(f"{out_dir} was converted from the checkpoint {checkpoint}, not a model file: {otherwise}")
     if not recorded:
         raise ArtifactError(f"{out_dir} records no model file (it was saved from Python): {otherwise}")
     source = found_source(manifest["source"], out_dir)
@@ -103,6 +109,8 @@ def recorded_model_file(manifest: dict, out_dir: Path, *, otherwise: str) -> dic
 def found_source(source: dict | None, out_dir: Path) -> dict | None:
     """The recorded model file where it is now: at its path, else at the same place relative to
     the output (the two moved together); None when neither is there."""
+    if source and source.get("checkpoint"):  # the directory's path is a record only: the config is in the manifest
+        return {key: value for key, value in source.items() if key != "checkpoint_from_output"}
     if not source or not source.get("file"):
         return None
     candidates = [Path(source["file"])]
@@ -129,9 +137,14 @@ def _reapply(model: nn.Module, recorded: tuple[Conversion, ...], example_inputs,
     from moefx.passes.driver import ConversionOptions, convert_found, search
 
     for conversion in recorded:
+        if conversion.adopted is not None:  # existing MoE blocks: swapped again, weights from the file
+            from moefx.passes.adopt import readopt
+
+            readopt(model, conversion.adopted, out_dir)
+            continue
         options = ConversionOptions.from_dict({
             **conversion.options.as_dict(), "include": [c.path for c in conversion.converted], "exclude": None,
-            "every": 1, "split_by": "contiguous",
+            "every": 1, "split_by": "contiguous", "router_init": "random",
             "init": "split" if conversion.options.init == "split" else "random",  # the weights come from the file
         })
         args, kwargs = example_inputs, example_kwargs

@@ -23,7 +23,9 @@ from torch import nn
 
 DEFAULT_ENTRIES = ("build_model", "model")
 # What moefx converts from, for the messages that refuse anything else (one place to extend).
-ACCEPTED_SOURCES = "a Python model file (.py) defining build_model() and example_inputs()"
+MODEL_FILE_SOURCE = "a Python model file (.py) defining build_model() and example_inputs()"
+ACCEPTED_SOURCES = (f"{MODEL_FILE_SOURCE}, a transformers checkpoint directory (config.json + safetensors), or the hub "
+                    "id of a model in the local Hugging Face cache")  # what moefx convert / moefx.convert take
 
 
 class ModelFileError(RuntimeError):
@@ -64,7 +66,7 @@ def source_problem(path: str | Path) -> str | None:
     """Why ``path`` is not a source moefx can convert (a message naming the fix), or None."""
     path = Path(path)
     if path.is_dir():
-        return f"{path} is a directory, not a model file: pass {ACCEPTED_SOURCES}"
+        return f"{path} is a directory, not a model file: pass {MODEL_FILE_SOURCE}"
     if not path.exists():
         return f"model file {path} not found: pass the path of {ACCEPTED_SOURCES}"
     if not path.is_file() or path.suffix != ".py":

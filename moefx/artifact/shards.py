@@ -3,8 +3,8 @@
 A ``PlannedTensor`` is a name, a shape, a dtype and a function that makes the tensor when the
 writer reaches it. ``write_shards`` lays the plan out in files of at most ``max_shard_bytes``
 (``model-00001-of-0000N.safetensors`` + ``model.safetensors.index.json``, as Hugging Face hub
-checkpoints are; one ``model.safetensors`` when it fits), writes each file's header from the plan
-alone, then each tensor's bytes as it is made. Converting a checkpoint streams through it: a
+checkpoints are; one ``model.safetensors`` when it fits; ``parse_size`` reads "5GB"-style limits),
+writes each file's header from the plan alone, then each tensor's bytes as it is made. Converting a checkpoint streams through it: a
 tensor read from a memory-mapped file, or an expert stack built from one, is written and dropped.
 
 The file layout is safetensors' own: an 8-byte little-endian header length, a JSON header
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from moefx.artifact.format import DTYPES, INDEX, WEIGHTS
 
 SAFETENSORS_DTYPES = {dtype: name for name, dtype in DTYPES.items()} | {torch.bool: "BOOL"}
 SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 @dataclass(frozen=True)
@@ -113,3 +116,13 @@ def _bytes_of(entry: PlannedTensor) -> memoryview:
         )
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def parse_size(size: int | str | None) -> int | None:
+    """Bytes from an int or a string such as ``"5GB"``, ``"500MiB"``; None stays None (no limit)."""
+    if size is None or (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+        return size
+    match = _SIZE.match(size) if isinstance(size, str) else None
+    if match is None or float(match.group(1)) <= 0:
+        raise ValueError(f"max_shard_size={size!r} is not a size: give bytes (> 0) or a string such as '5GB' or '500MiB'")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])

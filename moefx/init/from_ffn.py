@@ -8,23 +8,36 @@ it on the template's device and dtype, and fills its weights with an init strate
 from __future__ import annotations
 
 import copy
+import logging
 
 from torch import nn
 
+from moefx.init.router_init import default_router_init, weights_router_
 from moefx.init.strategies import INIT_STRATEGIES, init_from_template
 from moefx.init.template import FFNTemplate
 from moefx.layer.config import MoEConfig
 from moefx.layer.moe import MoE
 
+log = logging.getLogger(__name__)
+
 
 def moe_from_ffn(
     template: FFNTemplate, *, num_experts: int, top_k: int = 2, init: str = "upcycle", drop_fraction: float = 0.5,
-    split_by: str = "contiguous", device=None, dtype=None, layer_class: type[MoE] = MoE, **options,
+    split_by: str = "contiguous", router_init: str | None = None, device=None, dtype=None,
+    layer_class: type[MoE] = MoE, **options,
 ) -> MoE:
-    """A ``layer_class`` (an ``MoE``) initialised from ``template`` with strategy ``init``; ``options``
-    are further ``MoEConfig`` fields. Device and dtype default to the template's weights'."""
+    """A ``layer_class`` (an ``MoE``) initialised from ``template`` with strategy ``init`` and its router
+    with ``router_init`` (``random`` or ``weights``; None: ``default_router_init``, see
+    ``moefx.init.router_init``); ``options`` are further ``MoEConfig`` fields. Device and dtype default
+    to the template's weights'."""
     if init not in INIT_STRATEGIES:
         raise ValueError(f"init={init!r} is unknown: must be one of {list(INIT_STRATEGIES)}")
+    if router_init is None:
+        router_init = default_router_init(init, top_k, num_experts)
+    if router_init not in ("random", "weights"):
+        hint = (" (kmeans needs hidden states: use moefy(..., router_init='kmeans') or "
+                "moefx.init.router_init.kmeans_router_(layer, x_ND))" if router_init == "kmeans" else "")
+        raise ValueError(f"router_init={router_init!r} is not one MoE.from_ffn can apply: use 'random' or 'weights'{hint}")
     d_hidden = template.d_hidden
     if init == "split":
         if d_hidden % num_experts:
@@ -46,4 +59,7 @@ def moe_from_ffn(
     device = weight.device if device is None else device
     moe = layer_class(config, device=device, dtype=weight.dtype if dtype is None else dtype)
     init_from_template(moe, template, init, drop_fraction=drop_fraction, split_by=split_by)
+    if router_init == "weights" and not weights_router_(moe):
+        log.warning("router_init='weights' with init=%r: the experts are identical, so their weights cannot tell "
+                    "them apart; the router keeps its random init (use router_init='kmeans')", init)
     return moe

@@ -45,6 +45,25 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+class ClampedSwiGLU(nn.Module):
+    """GPT-OSS's gated activation of the gate and up halves: ``(clamp(up, ±limit) + 1) * g * sigmoid(alpha * g)``
+    with ``g = clamp(gate, max=limit)``. Gated only (``takes_gate_and_up``): it is not a function of one input."""
+
+    takes_gate_and_up = True
+
+    def __init__(self, alpha: float = 1.702, limit: float = 7.0) -> None:
+        super().__init__()
+        self.alpha, self.limit = alpha, limit
+
+    def forward(self, gate: Tensor, up: Tensor) -> Tensor:
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * gate * torch.sigmoid(gate * self.alpha)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, limit={self.limit}"
+
+
 @dataclass(frozen=True)
 class Entry:
     """One named activation."""
@@ -76,6 +95,9 @@ CATALOGUE: dict[str, Entry] = {
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     name: entry.module for name, entry in CATALOGUE.items() if entry.module is not None
 }
+# Gated-only activations take the gate and up halves (``takes_gate_and_up``), so they have no
+# one-input definition to identify by: GPT-OSS's, at its defaults (other values: pass the module).
+ACTIVATIONS["clamped_swiglu"] = ClampedSwiGLU
 
 PROBE = torch.linspace(-8.0, 8.0, 641, dtype=torch.float64)
 TOLERANCE = 1e-5

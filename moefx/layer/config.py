@@ -10,13 +10,16 @@ from types import SimpleNamespace
 
 from moefx.layer.activations import ACTIVATIONS
 
-GATES = ("topk", "switch", "gshard", "noisy_topk", "sigmoid")
+GATES = ("topk", "switch", "gshard", "noisy_topk", "sigmoid", "expert_choice")
 # (renormalize, softmax_first) of each gate: topk's are defaults, the others' are fixed by the method
 # (sigmoid's renormalize is a default too; it has no softmax, so softmax_first stays None).
 GATE_ROUTING = {
     "topk": (True, True), "switch": (False, True), "gshard": (True, True), "noisy_topk": (True, False),
-    "sigmoid": (True, None),
+    "sigmoid": (True, None), "expert_choice": (False, True),
 }
+# Expert choice's capacity_factor when unset: C = ceil(T * top_k / E), each expert the mean load of
+# token-choice top-k, so the same expert compute (the paper's EC-CF2 is top_k=2 at 1.0).
+EXPERT_CHOICE_CAPACITY = 1.0
 GATE_FREE_OPTIONS = {"topk": ("renormalize", "softmax_first"), "sigmoid": ("renormalize",)}
 # Switch Transformer's default multiplicative input jitter.
 SWITCH_JITTER = 0.01
@@ -61,10 +64,17 @@ class MoEConfig:
     ``expert_groups`` splits the experts into equal groups and ``topk_groups`` limits each token to
     the groups with the best top-2 score sums (node-limited routing); ``bias_update_rate`` is the
     step of the auxiliary-loss-free balancing that ``moefx.update_routing_bias`` applies.
+    ``expert_choice`` (Zhou et al. 2022) turns the choice around: each expert takes the C tokens of
+    the batch with the highest softmax score for it, C = ceil(capacity_factor * tokens * top_k /
+    num_experts), weighted by that score (not renormalised); ``capacity_factor`` defaults to 1.0
+    there (the compute of token-choice top-k). It ranks the whole batch, later tokens included: for
+    encoders and training, not for models that generate (moefy refuses them).
     ``capacity_factor=None`` is dropless; a number caps
     every expert at ``ceil(capacity_factor * tokens * top_k / num_experts)`` slots per forward.
     ``routed_scale`` multiplies the routed experts' combined output (the ``split`` init sets it
     to ``num_experts``). ``num_shared_experts`` adds always-on experts of ``d_hidden`` each.
+    ``router_bias`` adds a learned bias to the router logits (GPT-OSS); ``shared_expert_gate`` weighs
+    the shared experts' output by ``sigmoid(x · w)`` per token (Qwen2-MoE).
     ``feature_axis`` is the input's axis of ``d_model`` features: -1 (``..., D``), or 1 for the
     channels-first input of 1x1 convolutions (``N, D, H, W``; moefy sets it).
     """
@@ -89,6 +99,8 @@ class MoEConfig:
     expert_groups: int = 1
     topk_groups: int | None = None
     bias_update_rate: float = 0.0
+    router_bias: bool = False
+    shared_expert_gate: bool = False
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_hidden"):
@@ -105,7 +117,7 @@ class MoEConfig:
             "top_k", self.top_k, f"must be an integer in [1, num_experts={self.num_experts}]",
             bounds=(1, self.num_experts),
         )
-        for name in ("gated", "bias"):
+        for name in ("gated", "bias", "router_bias", "shared_expert_gate"):
             value = getattr(self, name)
             _require(isinstance(value, bool), name, value, "must be True or False")
         _require(
@@ -118,6 +130,8 @@ class MoEConfig:
             _require(self.top_k == 1, "top_k", self.top_k, "must be 1 for gate='switch'")
         if self.gate == "gshard":
             _require(self.top_k == 2, "top_k", self.top_k, "must be 2 for gate='gshard'")
+        if self.gate == "expert_choice" and self.capacity_factor is None:
+            object.__setattr__(self, "capacity_factor", EXPERT_CHOICE_CAPACITY)
         if self.capacity_factor is not None:
             allowed = "must be None (dropless) or a number > 0"
             _require(_is_int(self.capacity_factor) or isinstance(self.capacity_factor, float),

@@ -63,14 +63,18 @@ class ExpertMid(nn.Module):
     def __init__(self, activation: nn.Module, gated: bool) -> None:
         super().__init__()
         self.act, self.gated = activation, gated
-        self.swiglu = gated and computes_silu(activation)
+        # A gated activation of its own (GPT-OSS's clamped SwiGLU) takes the gate and the up halves.
+        self.pairwise = getattr(activation, "takes_gate_and_up", False)
+        if self.pairwise and not gated:
+            raise ValueError(f"{type(activation).__name__} combines a gate and an up projection: it needs gated=True")
+        self.swiglu = gated and not self.pairwise and computes_silu(activation)
 
     def forward(self, h: Tensor) -> Tensor:
         if self.swiglu:
             return torch.ops.moefx.swiglu(h)  # the same math, without a copy in the backward
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
-            return self.act(gate) * up
+            return self.act(gate, up) if self.pairwise else self.act(gate) * up
         return self.act(h)
 
 

@@ -21,6 +21,7 @@ After each forward the layer keeps its routing (for ``aux_loss()``) and its toke
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 
 from moefx.layer.activations import make_activation
 from moefx.layer.config import MoEConfig
-from moefx.layer.dispatch import Dispatcher, LocalDispatcher
+from moefx.layer.dispatch import Dispatcher, ExchangeStats, LocalDispatcher
 from moefx.layer.experts import DenseFFN, ExpertMid, Experts, GroupedExperts
 from moefx.layer.losses import load_balance_loss, z_loss
 from moefx.layer.routers import Routing, make_router
@@ -41,6 +42,7 @@ class MoEStats:
     tokens_per_expert: Tensor  # int64 [E]: choices each expert computed
     routed_per_expert: Tensor  # int64 [E]: choices routed to each expert before capacity
     dropped: Tensor  # int64 []: choices not computed (past capacity, or skipped by the router)
+    exchange: ExchangeStats | None = None  # expert parallelism: bytes and messages sent, experts shadowed
 
     def as_dict(self) -> dict:
         """Plain Python numbers (one device-to-host copy)."""
@@ -48,6 +50,7 @@ class MoEStats:
             "tokens_per_expert": self.tokens_per_expert.tolist(),
             "routed_per_expert": self.routed_per_expert.tolist(),
             "dropped": int(self.dropped),
+            **({"exchange": dataclasses.asdict(self.exchange)} if self.exchange is not None else {}),
         }
 
 
@@ -88,6 +91,10 @@ class MoE(nn.Module):
             self.shared_experts = DenseFFN(
                 config.d_model, config.num_shared_experts * config.d_hidden, shared_mid, config.bias, **factory
             )
+        # Qwen2-MoE weighs its shared expert per token: sigmoid(x · w) (MoEConfig.shared_expert_gate).
+        self.shared_gate = None
+        if config.shared_expert_gate and self.shared_experts is not None:
+            self.shared_gate = nn.Linear(config.d_model, 1, bias=False, **factory)
         self.dispatcher: Dispatcher = LocalDispatcher()
         # Experts that read token order run the fused ops when the dispatcher allows it (local
         # experts); False runs the permuted path instead (same results).
@@ -142,11 +149,14 @@ class MoE(nn.Module):
             meta = self.dispatcher.plan(routing.experts_TK, self.config.num_experts, capacity)
             out_TD = self.experts.forward_tokens(x_TD, weights_TK, meta)
         else:
-            x_SD, meta = self.dispatcher.dispatch(x_TD, routing.experts_TK, self.config.num_experts, capacity)
-            y_SD = self.experts(x_SD, meta.offsets_E1)
-            out_TD = self.dispatcher.combine(y_SD, weights_TK, meta)
+            out_TD, meta = self.dispatcher.run(
+                self.experts, x_TD, routing.experts_TK, weights_TK, self.config.num_experts, capacity
+            )
         if self.shared_experts is not None:
-            out_TD = out_TD + self.shared_experts(x_TD)
+            shared_TD = self.shared_experts(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+            out_TD = out_TD + shared_TD
         if not _exporting():  # an exported program has no module state to update
             self._last_routing = routing
             if self.training and self.config.bias_update_rate > 0:
@@ -156,6 +166,7 @@ class MoE(nn.Module):
                 tokens_per_expert=(offsets_E1[1:] - offsets_E1[:-1]).detach(),
                 routed_per_expert=routing.counts_E.detach(),
                 dropped=(meta.row_slot_S.shape[0] - offsets_E1[-1]).detach(),
+                exchange=meta.exchange,
             )
         return out_TD.view(x.shape)
 

@@ -1,5 +1,5 @@
 """Routers: token-choice top-k (plain, Switch, GShard, noisy) on top of ``moefx::route``, and
-DeepSeek-V3's sigmoid router with group-limited choice and a balancing bias.
+DeepSeek-V3's sigmoid router with group-limited choice and a balancing bias, and expert choice.
 
 Legend: T tokens, D model dim, E experts, K top-k.
 
@@ -47,16 +47,21 @@ class TopKRouter(nn.Module):
         self.renormalize, self.softmax_first = config.renormalize, config.softmax_first
         self.jitter = config.jitter
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.d_model, device=device, dtype=dtype))
+        self.bias = None  # MoEConfig.router_bias: a learned logit bias (GPT-OSS's router has one)
+        if config.router_bias:
+            self.bias = nn.Parameter(torch.zeros(config.num_experts, device=device, dtype=dtype))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
     def compute_logits(self, x_TD: Tensor) -> Tensor:
         """Logits from the input already upcast to at least fp32."""
         if self.training and self.jitter > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.jitter, 1 + self.jitter)
-        return F.linear(x_TD, _upcast(self.weight))
+        return F.linear(x_TD, _upcast(self.weight), None if self.bias is None else _upcast(self.bias))
 
     def select(self, routing: Routing) -> Routing:
         """Hook to change the choices after top-k (GShard's random routing)."""
@@ -170,9 +175,65 @@ class SigmoidRouter(TopKRouter):
         self.pending_load_E = counts_E if self.pending_load_E is None else self.pending_load_E + counts_E
 
 
+class ExpertChoiceRouter(TopKRouter):
+    """Zhou et al. 2022: scores are the softmax over experts; each expert takes the C tokens of the
+    batch that score highest for it, C = ``config.capacity(T)`` = ceil(capacity_factor * T * top_k / E)
+    (at most T), weighted by that score. A token may be taken by 0..E experts.
+
+    The choice is written as token-choice routing with K = E slots per token: slot e of token t is
+    expert e when e took t, else E ("not dispatched"), so every dispatcher (local, expert-parallel)
+    runs it unchanged, and each expert gets exactly C rows, which its capacity C keeps.
+
+    It ranks the tokens of the whole batch (on each rank, that rank's batch), so a token's output
+    depends on other tokens, later ones included: for encoders and training, not causal models or
+    autoregressive decoding (``refuse_expert_choice`` stops moefy on a model that generates)."""
+
+    def __init__(self, config: MoEConfig, *, device=None, dtype=None) -> None:
+        super().__init__(config, device=device, dtype=dtype)
+        self.capacity = config.capacity  # C for T tokens; the config resolves capacity_factor (default 1.0)
+
+    def forward(self, x_TD: Tensor) -> Routing:
+        logits_TE = self.compute_logits(_upcast(x_TD))
+        scores_TE = torch.softmax(logits_TE, dim=-1)
+        T, E = scores_TE.shape
+        C = min(self.capacity(T), T)
+        chosen_EC = torch.topk(scores_TE.t(), C, dim=-1).indices
+        taken_TE = torch.zeros_like(scores_TE, dtype=torch.bool)
+        taken_TE[chosen_EC, torch.arange(E, device=x_TD.device).unsqueeze(1)] = True
+        expert_ids_TE = torch.arange(E, device=x_TD.device).expand(T, E)
+        experts_TE = torch.where(taken_TE, expert_ids_TE, E)
+        weights_TE = torch.where(taken_TE, scores_TE, 0.0)
+        counts_E = taken_TE.sum(dim=0)
+        return Routing(weights_TE, experts_TE, counts_E, logits_TE)
+
+
+def refuse_expert_choice(model: nn.Module, gate: str) -> None:
+    """gate='expert_choice' ranks each expert's tokens over the whole batch, later tokens included:
+    refused on a causal model (a module with ``is_causal = True``, as transformers' causal attention
+    has) and on one that generates (``generate``, ``can_generate()``, a decoder config)."""
+    if gate != "expert_choice":
+        return
+    can_generate = getattr(model, "can_generate", None)
+    config = getattr(model, "config", None)
+    causal = next((type(m).__name__ for m in model.modules() if getattr(m, "is_causal", None) is True), None)
+    generates = (
+        (callable(can_generate) and can_generate())
+        or (can_generate is None and callable(getattr(model, "generate", None)))
+        or getattr(config, "is_decoder", False) is True
+    )
+    if causal or generates:
+        why = f"its {causal} is causal" if causal else "it generates"
+        raise ValueError(
+            f"gate='expert_choice' cannot convert {type(model).__name__}: {why}, and expert choice picks each "
+            "expert's tokens over the whole batch, later tokens included, so it is not causal and cannot decode one "
+            "token at a time. Use it for encoders (BERT, ViT) in training; for a causal model pick a token-choice "
+            "gate (topk, switch, gshard, noisy_topk, sigmoid)"
+        )
+
+
 ROUTERS = {
     "topk": TopKRouter, "switch": SwitchRouter, "gshard": GShardRouter, "noisy_topk": NoisyTopKRouter,
-    "sigmoid": SigmoidRouter,
+    "sigmoid": SigmoidRouter, "expert_choice": ExpertChoiceRouter,
 }
 
 

@@ -1,9 +1,10 @@
 """A fixed pool of device memory slots that offloaded experts stream through.
 
 Each slot holds one expert of one layer. A layer asks for the experts its tokens were routed
-to; the cache serves resident ones (hits) and loads the others from the store into slots freed
-in least-recently-used order, never evicting an expert the running layer still needs. With
-``prefetch`` the loads run on one background thread (on a GPU, on a side stream): while a layer
+to; the cache serves resident ones (hits, or prefetch hits when a prefetch guess brought them)
+and loads the others (misses) from the store into slots freed in least-recently-used order,
+never evicting an expert the running layer still needs. With ``prefetch`` the loads run on one
+background thread (on a GPU, on a side stream): while a layer
 computes one expert, the next ones it needs are loading, and the experts the next layer will
 most likely need (by a running average of its routing, or all of them when they fit) are loaded
 when room allows. The next layer is the one that ran after this one last time (module order
@@ -35,24 +36,48 @@ _SCORE_DECAY = 0.7  # weight of the past in a layer's routing average (recent st
 
 @dataclass(frozen=True)
 class OffloadStats:
-    """What the expert cache did since the model was offloaded (or since the last reset)."""
+    """What the expert cache did since the model was offloaded (or since the last reset).
+
+    Each request (a layer call asking for an expert it routed tokens to) is one of: a hit (the
+    expert was in a slot, loaded for an earlier request), a prefetch hit (in a slot, or on its way,
+    because a prefetch guessed it before the layer asked) or a miss (not in the cache when the layer
+    asked: loaded for this call, ahead of its compute with ``prefetch``, else on the spot)."""
 
     requests: int  # experts asked for by layers (one per layer call and expert with tokens)
-    hits: int  # requests served without a load of their own (resident, or loaded ahead)
-    loads: int  # experts copied into a slot
-    prefetch_loads: int  # loads issued before the expert was asked for
-    prefetch_used: int  # of those, loads whose expert was asked for before it was evicted
+    hits: int  # requests for an expert already resident from an earlier request
+    prefetch_hits: int  # requests served by a prefetch guess (its first use)
+    misses: int  # requests for an expert not in the cache: each loads it
+    loads: int  # experts copied into a slot: misses + prefetch_loads
+    prefetch_loads: int  # guesses: loads of experts the next layer had not asked for yet
     evictions: int  # resident experts dropped to make room
     bytes_moved: int  # expert bytes copied into slots
     wait_seconds: float  # time the compute thread spent waiting for loads
+    tokens: int  # token rows through the busiest offloaded layer (every token, in a decoder-only model)
+    num_slots: int  # the device pool: experts it holds at once
+    slot_bytes: int  # bytes of one slot (the largest expert)
 
     @property
-    def misses(self) -> int:
-        """Requests that had to load their expert on the spot: ``requests - hits``."""
-        return self.requests - self.hits
+    def bytes_per_token(self) -> float:
+        """Expert bytes moved per token (``bytes_moved / tokens``; 0 before any token)."""
+        return self.bytes_moved / self.tokens if self.tokens else 0.0
+
+    @property
+    def hit_rate(self) -> float:
+        """Share of requests found resident, prefetched or not: ``(hits + prefetch_hits) / requests``."""
+        return (self.hits + self.prefetch_hits) / self.requests if self.requests else 0.0
 
     def as_dict(self) -> dict:
-        return {**self.__dict__, "misses": self.misses}
+        return {**self.__dict__, "bytes_per_token": self.bytes_per_token, "hit_rate": self.hit_rate}
+
+    def __repr__(self) -> str:  # what as_dict() has, derived figures included
+        return f"OffloadStats({', '.join(f'{k}={v!r}' for k, v in self.as_dict().items())})"
+
+    def __str__(self) -> str:  # every entry of as_dict(), for people: "requests 24, hits 0, ..."
+        def text(value) -> str:
+            if isinstance(value, int):
+                return f"{value:,}"
+            return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+        return ", ".join(f"{name.replace('_', ' ')} {text(value)}" for name, value in self.as_dict().items())
 
 
 @dataclass(eq=False)
@@ -60,7 +85,7 @@ class _Slot:
     memory: Tensor  # this slot's bytes in the pool
     key: tuple[int, int] | None = None  # (layer, expert) held or being loaded
     pending: Future | None = None  # the load in flight, if any
-    prefetched: bool = False  # loaded ahead and not asked for yet
+    prefetched: bool = False  # loaded on a prefetch guess and not asked for yet
     last_use: int = -1
     released: object = None  # GPU: event after the last compute that read this slot
 
@@ -88,17 +113,24 @@ class ExpertCache:
 
     def reset_stats(self) -> None:
         self._counts = dict.fromkeys(
-            ("requests", "hits", "loads", "prefetch_loads", "prefetch_used", "evictions", "bytes_moved"), 0
+            ("requests", "hits", "prefetch_hits", "misses", "loads", "prefetch_loads", "evictions", "bytes_moved"), 0
         )
         self._wait = 0.0
+        self._tokens = [0] * len(self.layouts)
+
+    def count_tokens(self, layer: int, tokens: int) -> None:
+        """Token rows entering ``layer`` (for bytes moved per token)."""
+        self._tokens[layer] += tokens
 
     def stats(self) -> OffloadStats:
-        return OffloadStats(**self._counts, wait_seconds=self._wait)
+        return OffloadStats(**self._counts, wait_seconds=self._wait, tokens=max(self._tokens, default=0),
+                            num_slots=len(self.slots), slot_bytes=self.slots[0].memory.numel() if self.slots else 0)
 
     def run_layer(self, layer: int, tokens_per_expert: list[int], compute: Callable[[int, dict[str, Tensor]], None]) -> None:
         """Call ``compute(expert, weights)`` for every expert of ``layer`` with tokens, each with
         its weights resident, in the order they become available."""
         remaining = [e for e, n in enumerate(tokens_per_expert) if n]
+        self._count_requests(layer, remaining)
         self._update_scores(layer, tokens_per_expert)
         if self._last_layer is not None:
             self._successor[self._last_layer] = layer
@@ -117,6 +149,17 @@ class ExpertCache:
             self._release(slot)
         if self.prefetch:  # the whole pool is free for the next layer now
             self._prefetch(next_layer, len(self.slots), protected=set())
+
+    def _count_requests(self, layer: int, experts: list[int]) -> None:
+        """Hit, prefetch hit or miss, by what the cache held when the layer asked (before any load
+        for this call: a load issued now for this layer is a miss however early it starts)."""
+        self._counts["requests"] += len(experts)
+        for e in experts:
+            slot = self._where.get((layer, e))
+            kind = "misses" if slot is None else "prefetch_hits" if slot.prefetched else "hits"
+            self._counts[kind] += 1
+            if slot is not None:
+                slot.prefetched = False
 
     # -- choosing what to compute, load and evict --------------------------------------------
 
@@ -155,19 +198,14 @@ class ExpertCache:
 
     def _acquire(self, layer: int, expert: int, protected: set) -> _Slot:
         key = (layer, expert)
-        self._counts["requests"] += 1
         slot = self._where.get(key)
         if slot is not None:
             self._wait_for(slot)
-            self._counts["hits"] += 1
-            if slot.prefetched:
-                self._counts["prefetch_used"] += 1
-                slot.prefetched = False
         else:
             slot = self._victim(protected)
             if slot is None:  # cannot happen while every computed slot is released: a bug, not bad input
                 raise RuntimeError(f"moefx offload: no slot free for expert {expert} of layer {layer}")
-            self._start_load(slot, key, ahead=False)
+            self._start_load(slot, key, guess=False)
             self._wait_for(slot)
         self._tick += 1
         slot.last_use = self._tick
@@ -187,7 +225,7 @@ class ExpertCache:
             slot = self._victim(protected, busy, wait=False)
             if slot is None:
                 return
-            self._start_load(slot, (layer, e), ahead=True)
+            self._start_load(slot, (layer, e), guess=False)  # asked for already: a miss's load, started early
 
     def _prefetch(self, layer: int, room: int, protected: set) -> None:
         """Queue loads of up to ``room`` experts ``layer`` most likely needs next. A prefetch takes
@@ -204,7 +242,7 @@ class ExpertCache:
             slot = self._victim(keep, wait=False, by_score=True)
             if slot is None or (slot.key is not None and self._score(slot.key) >= scores[e]):
                 return
-            self._start_load(slot, (layer, e), ahead=True)
+            self._start_load(slot, (layer, e), guess=True)
 
     def _score(self, key: tuple[int, int]) -> float:
         return self._scores[key[0]][key[1]]
@@ -218,14 +256,14 @@ class ExpertCache:
 
     # -- moving bytes ------------------------------------------------------------------------
 
-    def _start_load(self, slot: _Slot, key: tuple[int, int], *, ahead: bool) -> None:
+    def _start_load(self, slot: _Slot, key: tuple[int, int], *, guess: bool) -> None:
         if slot.key is not None:
             del self._where[slot.key]
             self._counts["evictions"] += 1
-        slot.key, slot.prefetched = key, ahead
+        slot.key, slot.prefetched = key, guess
         self._where[key] = slot
         self._counts["loads"] += 1
-        self._counts["prefetch_loads"] += int(ahead)
+        self._counts["prefetch_loads"] += int(guess)
         self._counts["bytes_moved"] += self.layouts[key[0]].nbytes
         self._tick += 1
         slot.last_use = self._tick

@@ -7,7 +7,7 @@ safetensors files of a ``moefx convert`` output) and stream through a fixed pool
     model = moefx.load("out/", dense_on_meta, weights=False)       # structure only, nothing read
     model = moefx.offload(model, device="cuda", budget_bytes=8 << 30, storage="disk", path="out/")
     model.generate(...)
-    moefx.offload_stats(model)                                     # loads, hits, bytes, waits
+    print(moefx.offload_stats(model))         # hits, prefetch hits, misses, loads, bytes per token, waits, slots
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def offload(
                         prefetch=prefetch)
     for i, (_, layer) in enumerate(layers):
         layer.experts = OffloadedExperts(layer.experts.mid, cache, i, layer.config.d_model, layouts[i].dtype)
+        layer.register_forward_pre_hook(_token_counter(cache, i))
     assign_tensors(model, filled)
     model.to(device).eval().requires_grad_(False)
     setattr(model, _ATTRIBUTE, cache)
@@ -101,6 +102,13 @@ def offload_stats(model: nn.Module, *, reset: bool = False) -> OffloadStats:
     if reset:
         cache.reset_stats()
     return stats
+
+
+def _token_counter(cache: ExpertCache, index: int):
+    """A pre-hook counting the token rows entering an offloaded layer (bytes moved per token)."""
+    def count(layer, args) -> None:
+        cache.count_tokens(index, args[0].numel() // layer.config.d_model)
+    return count
 
 
 def _check_arguments(model: nn.Module, budget_bytes, storage: str, path) -> list:

@@ -1,1 +1,6 @@
-"""Expert parallelism: parallelize (sharding, hooks, DDP), the all-to-all dispatcher, the distributed checkpoint."""
+"""Expert parallelism: parallelize (sharding, hooks, DDP), the all-to-all dispatchers (plain; chunked,
+two-level and shadowing), the distributed checkpoint."""
+
+from moefx.parallel.shadowing import ShadowingCostModel
+
+__all__ = ["ShadowingCostModel"]

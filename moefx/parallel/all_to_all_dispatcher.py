@@ -51,8 +51,8 @@ class AllToAllDispatcher(Dispatcher):
     ``ep`` coordinate. The mesh is kept for checkpoints (the experts as shards of a DTensor). Rows
     move between ranks, so it has no plan alone (``fuses_experts`` False: the permuted path)."""
 
-    def __init__(self, mesh: DeviceMesh, num_experts: int) -> None:
-        self.mesh = mesh
+    def __init__(self, mesh: DeviceMesh, num_experts: int, *, gate: str = "topk") -> None:
+        self.mesh, self.gate = mesh, gate  # the gate only words the unequal-token-count error
         self.group_name = mesh["ep"].get_group().group_name
         self.ep_size = mesh["ep"].size()
         self.local_experts = num_experts // self.ep_size
@@ -88,6 +88,15 @@ class AllToAllDispatcher(Dispatcher):
         torch.distributed.all_reduce(bounds, torch.distributed.ReduceOp.MAX, group=self.mesh["ep"].get_group())
         most, negative_fewest = bounds.tolist()  # NOTE: device-to-host sync (eager mode only)
         fewest = -negative_fewest
+        if most != fewest and self.gate == "expert_choice":
+            raise ValueError(
+                f"gate='expert_choice' with expert parallelism needs the same number of tokens on every rank of the "
+                f"expert-parallel group in each forward (each expert takes C = ceil(capacity_factor * tokens * top_k / "
+                f"num_experts) tokens of every rank's batch, and the exchange sends C rows per expert), but the ranks "
+                f"have from {fewest} to {most} (this rank {tokens}): give every rank the same batch size and sequence "
+                "length (drop the last, shorter batch, e.g. DataLoader(drop_last=True)); padding tokens would work but "
+                "compete for the experts' C slots. capacity_factor=None does not apply: expert choice always has a capacity"
+            )
         if most != fewest:
             raise ValueError(
                 f"capacity_factor with expert parallelism needs the same number of tokens on every rank of the "

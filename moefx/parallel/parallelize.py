@@ -29,6 +29,9 @@ from moefx.layer.experts import EXPERT_PARAMETERS
 from moefx.layer.moe import MoE
 from moefx.model import moe_layers
 from moefx.parallel.all_to_all_dispatcher import AllToAllDispatcher
+from moefx.parallel.hierarchical import check_ranks_per_node, exchange_groups
+from moefx.parallel.scheduled_dispatcher import ScheduledDispatcher
+from moefx.parallel.shadowing import ShadowingCostModel, as_cost_model
 
 
 def expert_parallel_mesh(ep_size: int, dp_size: int | None = None, device_type: str | None = None) -> DeviceMesh:
@@ -43,9 +46,22 @@ def expert_parallel_mesh(ep_size: int, dp_size: int | None = None, device_type: 
     return init_device_mesh(device_type, (dp_size, ep_size), mesh_dim_names=("dp", "ep"))
 
 
-def parallelize(model: nn.Module, mesh: DeviceMesh, *, data_parallel: bool = True) -> nn.Module:
+def parallelize(model: nn.Module, mesh: DeviceMesh, *, data_parallel: bool = True, overlap_chunks: int = 1,
+                ranks_per_node: int | None = None, shadowing: bool | ShadowingCostModel = False) -> nn.Module:
     """Shard ``model``'s experts over ``mesh["ep"]`` in place; returns the model, in DDP when
-    ``data_parallel`` and there is more than one rank. Every rank must call it."""
+    ``data_parallel`` and there is more than one rank. Every rank must call it, with the same options.
+
+    ``overlap_chunks=N``: each layer exchanges and computes its rows in N chunks, the all-to-all of
+    one chunk running while the experts compute another (forward and backward).
+    ``ranks_per_node=R`` (R divides the EP size): a two-level exchange, within the node then one
+    message per other node (EP/R-1 instead of EP-1 inter-node messages per rank).
+    ``shadowing=True`` (or a ``ShadowingCostModel``): each step, experts whose rows cost more to
+    move and compute on one rank than their weights cost to broadcast are replicated to every EP
+    rank for that step (``layer.stats().exchange`` says which, and the bytes saved). Dropless mode
+    only: with a capacity (``capacity_factor``, and always with gate="expert_choice") every expert
+    gets C rows from every rank, equal loads, so shadowing is a no-op there (see ``shadowing.py``).
+    These run eagerly; see ``scheduled_dispatcher.py`` for the schedule.
+    """
     if not dist.is_initialized():
         raise RuntimeError("moefx.parallelize needs torch.distributed: launch with torchrun and call "
                            "torch.distributed.init_process_group() first")
@@ -59,11 +75,16 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, data_parallel: bool = Tru
     if mesh.size() != world:
         raise ValueError(f"the mesh has {mesh.size()} ranks but the world has {world}: it must span every rank")
     layers = list(moe_layers(model))
-    _check_same_on_every_rank(model, layers, mesh)  # a collective: past it, every rank decides alike
+    options = (overlap_chunks, ranks_per_node, repr(shadowing))
+    _check_same_on_every_rank(model, layers, mesh, options)  # a collective: past it, every rank decides alike
     if not layers:
         raise ValueError(f"{type(model).__name__} has no MoE layer to parallelize: convert it with moefx.moefy first")
     ep_mesh = mesh["ep"]
     ep_size, ep_rank = ep_mesh.size(), ep_mesh.get_local_rank()
+    if not isinstance(overlap_chunks, int) or isinstance(overlap_chunks, bool) or overlap_chunks < 1:
+        raise ValueError(f"overlap_chunks must be a positive integer (1: no overlap), got {overlap_chunks!r}")
+    check_ranks_per_node(ranks_per_node, ep_size)
+    cost_model = as_cost_model(shadowing)
     for path, layer in layers:
         if layer.dispatcher.mesh is not None:
             raise ValueError(f"{path} is already expert-parallel: call moefx.parallelize once")
@@ -72,11 +93,21 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, data_parallel: bool = Tru
                 f"{path} has num_experts={layer.config.num_experts}, which the EP size {ep_size} does not divide: "
                 f"choose an ep_size among the divisors of {layer.config.num_experts}"
             )
+        if cost_model is not None and not all(hasattr(layer.experts, name) for name in EXPERT_PARAMETERS):
+            raise ValueError(f"shadowing replicates stacked expert weights, which {path}'s "
+                             f"{type(layer.experts).__name__} does not hold: use shadowing=False for it")
+    scheduled = overlap_chunks > 1 or ranks_per_node is not None or cost_model is not None
+    groups = exchange_groups(mesh, ranks_per_node) if scheduled and ep_size > 1 else None
     dp_group = mesh["dp"].get_group() if "dp" in names and mesh["dp"].size() > 1 else None
     for _, layer in layers:
         if ep_size > 1:
             _keep_local_experts(layer, ep_rank, ep_size)
-            layer.dispatcher = AllToAllDispatcher(mesh, layer.config.num_experts)
+            gate = layer.config.gate
+            layer.dispatcher = (
+                ScheduledDispatcher(mesh, layer.config.num_experts, overlap_chunks=overlap_chunks, groups=groups,
+                                    cost_model=cost_model, gate=gate)
+                if scheduled else AllToAllDispatcher(mesh, layer.config.num_experts, gate=gate)
+            )
         for name in EXPERT_PARAMETERS:
             param = getattr(layer.experts, name)
             if param is not None and param.requires_grad:
@@ -116,11 +147,12 @@ def _expert_gradient_hook(world: int, dp_group):
     return hook
 
 
-def _check_same_on_every_rank(model: nn.Module, layers, mesh: DeviceMesh) -> None:
+def _check_same_on_every_rank(model: nn.Module, layers, mesh: DeviceMesh, options: tuple) -> None:
     """Ranks whose models or meshes differ would deadlock in the first all-to-all: compare them
     first (one all_gather_object) and raise on every rank, naming the difference."""
     mine = {
         "mesh": (tuple(mesh.mesh.shape), mesh.mesh_dim_names),
+        "options": options,
         "layers": [
             (path, layer.config.num_experts, layer.config.top_k, layer.config.d_model, layer.config.d_hidden,
              layer.config.capacity_factor, layer.config.gate)
@@ -135,6 +167,11 @@ def _check_same_on_every_rank(model: nn.Module, layers, mesh: DeviceMesh) -> Non
             raise ValueError(
                 f"ranks differ in their device mesh: rank {rank} has (shape, names) {theirs['mesh']} where rank 0 has "
                 f"{first['mesh']}; build the same mesh on every rank"
+            )
+        if theirs["options"] != first["options"]:
+            raise ValueError(
+                f"ranks differ in parallelize's options (overlap_chunks, ranks_per_node, shadowing): rank {rank} has "
+                f"{theirs['options']} where rank 0 has {first['options']}; pass the same options on every rank"
             )
         difference = next(((a, b) for a, b in zip_longest(theirs["layers"], first["layers"]) if a != b), None)
         if difference is not None:

@@ -36,7 +36,7 @@ def trace_parents(
     traced, untraceable = {}, {}
     for path in parents:
         try:
-            traced[path] = checked_trace(model.get_submodule(path), path, calls.get(path, []))
+            traced[path] = checked_trace(model.get_submodule(path), path or "the model", calls.get(path, []))
         except InlineError as err:
             untraceable[path] = str(err)
     problems = {}
@@ -50,7 +50,7 @@ def trace_parents(
             problems[match.path] = untraceable[parent]
         elif not regions_of(traced[parent].gm, match):
             problems[match.path] = (
-                f"the FFN in {parent} ({type(module).__name__}) is found in the model's graph but "
+                f"the FFN in {parent or 'the model'} ({type(module).__name__}) is found in the model's graph but "
                 "not when torch.fx traces that module alone, so it cannot be rewritten there"
             )
         elif shared:

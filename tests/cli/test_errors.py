@@ -173,7 +173,8 @@ def test_an_output_path_where_a_file_is_is_a_usage_error(tmp_path, out, force):
 
 
 @pytest.mark.parametrize("source, words", [
-    ("adir", "adir is a directory, not a model file: pass a Python model file (.py) defining build_model() and example_inputs()"),
+    ("adir", "adir has no config.json: pass a transformers checkpoint directory (written by save_pretrained), or a "
+             "Python model file defining build_model()"),
     ("config.json", "config.json is not a Python file: pass a Python model file (.py) defining build_model()"),
 ])
 def test_a_source_that_is_not_a_model_file_is_a_usage_error(tmp_path, source, words):

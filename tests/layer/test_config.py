@@ -11,7 +11,7 @@ BAD = [
     ("top_k", 5, r"top_k=5.*\[1, num_experts=4\]"),
     ("capacity_factor", 0.0, r"capacity_factor=0.0.*> 0"),
     ("capacity_factor", -1.5, r"capacity_factor=-1.5.*> 0"),
-    ("gate", "expert_choice", r"gate='expert_choice'.*'topk', 'switch', 'gshard', 'noisy_topk'"),
+    ("gate", "expert-choice", r"gate='expert-choice'.*'topk', 'switch', 'gshard', 'noisy_topk', 'sigmoid', 'expert_choice'"),
     ("activation", "swish2", r"activation='swish2'.*silu"),
     ("d_hidden", 0, r"d_hidden=0.*>= 1"),
     ("d_model", -3, r"d_model=-3.*>= 1"),

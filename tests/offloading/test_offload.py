@@ -132,16 +132,66 @@ def test_statistics_add_up(converted, prefetch):
             requests += sum(int((layer.stats().tokens_per_expert > 0).sum()) for _, layer in moefx.moe_layers(offloaded))
     stats = moefx.offload_stats(offloaded)
     assert stats.requests == requests
-    assert stats.loads == stats.misses + stats.prefetch_loads  # every load is on demand or ahead
+    assert stats.requests == stats.hits + stats.prefetch_hits + stats.misses
+    assert stats.loads == stats.misses + stats.prefetch_loads  # every load is a miss's or a guess
     assert stats.bytes_moved == stats.loads * layout.nbytes
-    assert 0 <= stats.prefetch_used <= stats.prefetch_loads
+    assert 0 <= stats.prefetch_hits <= stats.prefetch_loads
     held = sum(slot.key is not None for slot in offloaded._moefx_offload.slots)
     assert stats.evictions == stats.loads - held  # a load into an occupied slot evicts
     assert stats.wait_seconds > 0
+    assert stats.tokens == 4 * 3 and stats.bytes_per_token == stats.bytes_moved / 12  # four forwards of 3 tokens
+    assert (stats.num_slots, stats.slot_bytes) == (5, layout.slot_bytes)
     if not prefetch:
-        assert stats.prefetch_loads == 0 and stats.hits + stats.loads == stats.requests
+        assert stats.prefetch_loads == 0 and stats.prefetch_hits == 0
     assert moefx.offload_stats(offloaded, reset=True) == stats
     assert moefx.offload_stats(offloaded).requests == 0
+
+
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "on_demand"])
+def test_hits_are_experts_resident_before_the_layer_asked(converted, prefetch):
+    """Reference: before each layer call, which experts sit in a slot (pre-hook), and after it, which
+    experts the layer asked for (its own token counts): asked and not held is a miss, however early
+    the load for it started (a load for the running layer is not a prefetch)."""
+    offloaded = _offloaded(converted, "disk", 3 * EXPERTS // 4, prefetch)  # a quarter of the experts
+    cache = offloaded._moefx_offload
+    held, expected = {}, {"hits": 0, "prefetch_hits": 0, "misses": 0}
+
+    def before(index):
+        def hook(layer, args):
+            held[index] = {slot.key: slot.prefetched for slot in cache.slots if slot.key is not None}
+        return hook
+
+    def after(index):
+        def hook(layer, args, output):
+            for e in layer.stats().tokens_per_expert.nonzero().flatten().tolist():
+                was = held[index].get((index, e))
+                expected["misses" if was is None else "prefetch_hits" if was else "hits"] += 1
+        return hook
+
+    for index, (_, layer) in enumerate(moefx.moe_layers(offloaded)):
+        layer.register_forward_pre_hook(before(index))
+        layer.register_forward_hook(after(index))
+    prompt = _ids()[:2, :5]
+    offloaded.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
+    stats = moefx.offload_stats(offloaded)
+    assert {k: getattr(stats, k) for k in expected} == expected
+    assert stats.misses > 0 and stats.loads == stats.misses + stats.prefetch_loads
+    assert stats.hits < stats.requests  # the issue's trial read hits == requests with 245 loads
+    assert stats.tokens == 2 * 5 + 2 * 7  # the prompt, then one token per sequence for 7 more steps
+
+
+def test_the_printed_statistics_show_everything_as_dict_has(converted):
+    offloaded = _offloaded(converted, "disk", 3, prefetch=True)
+    with torch.no_grad():
+        offloaded(_ids())
+    stats = moefx.offload_stats(offloaded)
+    for name, value in stats.as_dict().items():
+        assert f"{name}={value!r}" in repr(stats), (name, repr(stats))
+        assert f"{name.replace('_', ' ')} " in str(stats), (name, str(stats))
+        if isinstance(value, int):
+            assert f"{name.replace('_', ' ')} {value:,}" in str(stats), (name, str(stats))
+    assert {"hits", "prefetch_hits", "misses", "bytes_per_token", "wait_seconds", "num_slots", "slot_bytes"} <= set(
+        stats.as_dict())
 
 
 def test_a_budget_for_every_expert_loads_each_once(converted):

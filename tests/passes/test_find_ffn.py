@@ -427,9 +427,13 @@ def test_when_only_export_fails_the_fallback_is_taken_and_said(caplog):
     assert "captured ExportFailsOnly by symbolic_trace" in caplog.text and "export failed" in caplog.text
 
 
-def test_ffn_written_in_the_root_forward_is_refused_with_the_fix():
-    reasons = _reasons(FusedGLU(True, True))
-    assert any("wrap the model" in r for r in reasons), reasons
+def test_ffn_written_in_the_root_forward_converts_in_place():
+    model = FusedGLU(True, True)
+    (match,) = _matches(model)
+    assert (match.path, match.placement.how, match.placement.parent) == ("proj_moe", "inline", "")
+    dense = model(X)
+    assert moefx.moefy(model, 4, 2, example_inputs=(X,)) is model  # tests/passes/test_root_inline.py: more
+    torch.testing.assert_close(model(X), dense, rtol=1e-5, atol=1e-6)
 
 
 def test_include_exclude_every():

@@ -74,7 +74,7 @@ def test_round_trip_through_the_recorded_json():
     assert data == {  # moefx.json's form: flat, the MoE layer options among the fields
         "num_experts": 8, "top_k": 2, "init": "upcycle", "gate": "sigmoid", "capacity_factor": 1.5,
         "include": ["layers.*"], "exclude": None, "every": 2, "drop_fraction": 0.5, "split_by": "contiguous",
-        "expert_groups": 4, "bias_update_rate": 0.001,
+        "router_init": "random", "seed": 0, "expert_groups": 4, "bias_update_rate": 0.001,
     }
     assert ConversionOptions.from_dict(json.loads(json.dumps(data))) == options
     assert ConversionOptions.from_dict({"num_experts": 4}) == ConversionOptions(num_experts=4)  # defaults fill in

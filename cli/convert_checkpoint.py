@@ -1,0 +1,95 @@
+"""``moefx convert CHECKPOINT_DIR|HUB_ID``: a transformers checkpoint converted on the meta device and
+written tensor by tensor (``moefx.converting``), so memory stays bounded whatever the model's size."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from moefx.artifact.atomic import refuse_existing
+from moefx.artifact.checkpoint_source import (
+    CheckpointError,
+    checkpoint_dtype,
+    meta_model,
+    open_checkpoint,
+    token_inputs,
+)
+from moefx.artifact.format import read_manifest
+from moefx.artifact.shards import parse_size
+from moefx.artifact.streaming import convert_on_meta
+from moefx.cli.checks import CLIError
+from moefx.cli.views import make_console, summary_table
+from moefx.converting import MARKERS, write_converted
+from moefx.model import parameter_counts
+from moefx.passes.capture import CaptureError
+from moefx.passes.driver import NoFFNFound
+from moefx.passes.options import ConversionOptions
+from moefx.passes.rewrite import RewriteError
+
+
+def run_convert_checkpoint(args: argparse.Namespace, options: ConversionOptions) -> int:
+    from moefx.cli.convert import _count, _expert_sizes, _paths, _progress, _report_dry_run
+
+    if args.entry:
+        raise CLIError(f"--entry names a builder in a Python model file; {args.model_py} is a checkpoint: leave it out",
+                       code=2)
+    try:
+        shard_bytes = parse_size(args.max_shard_size)
+    except ValueError as err:
+        raise CLIError(str(err).replace("max_shard_size=", "--max-shard-size "), code=2) from None
+    out = Path(args.out or f"{Path(str(args.model_py).rstrip('/')).name}-{args.format}")
+    if not args.dry_run:
+        try:
+            refuse_existing(out.absolute(), args.force, marker=MARKERS[args.format])
+        except FileExistsError as err:
+            raise CLIError(str(err), code=2) from None
+    with _progress(enabled=not args.json) as stage:
+        stage("load")
+        try:
+            checkpoint = open_checkpoint(args.model_py)
+        except CheckpointError as err:  # not a source moefx converts: a usage error
+            raise CLIError(str(err), code=2) from err
+        try:
+            dtype = getattr(torch, args.dtype) if args.dtype else checkpoint_dtype(checkpoint)
+            dense = meta_model(checkpoint.config, dtype)
+            inputs = token_inputs(checkpoint.config, batch=args.batch, seq_len=args.seq_len)
+        except CheckpointError as err:
+            raise CLIError(str(err)) from err
+        before = parameter_counts(dense)
+        stage("capture")
+        try:
+            meta = convert_on_meta(dense, options, inputs)
+        except (NoFFNFound, RewriteError, CaptureError, CheckpointError, ValueError) as err:
+            raise CLIError(f"{err}; nothing written") from err
+        if args.dry_run:
+            planned = (meta.conversion, parameter_counts(meta.converted), meta.converted)
+            return _report_dry_run(args, checkpoint.directory, dense, meta.found, planned, before)
+        stage("write")
+        try:
+            write_converted(meta, checkpoint, out, dtype=dtype, format=args.format, max_shard_bytes=shard_bytes,
+                            force=args.force)
+        except (CheckpointError, ValueError) as err:
+            raise CLIError(f"{err}; nothing written") from err
+    if args.json:
+        described = read_manifest(out) if args.format == "moefx" else {"format": "hf"}
+        print(json.dumps({"output": str(out.absolute()), **described}, indent=2))
+        return 0
+    after = parameter_counts(meta.converted)
+    conversion = meta.conversion
+    rows = [
+        ("model", f"{type(dense).__name__} from {checkpoint.hub_id or checkpoint.directory}"),
+        ("converted", _paths([c.path for c in conversion.converted])),
+        ("not converted", _paths([p for p, _ in conversion.skipped]) if conversion.skipped else "none"),
+        ("MoE", f"{args.experts} experts, top-{args.top_k}, gate {args.gate}, init {args.init}, "
+                f"router init {options.router_init}"),
+        ("parameters", f"{_count(before.total)} → {_count(after.total)}"),
+        ("active per token", _count(after.active_per_token)),
+        ("expert size", _expert_sizes(meta.converted)),
+        ("output", f"{out.absolute()} ({args.format} format, {str(dtype).removeprefix('torch.')})"),
+    ]
+    make_console().print(summary_table("moefx convert", rows))
+    return 0
+

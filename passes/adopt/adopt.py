@@ -1,0 +1,167 @@
+"""adopt: every existing MoE block of a model becomes a moefx ``MoE`` with the same weights and routing.
+
+    before                                          after
+      layers.0.mlp = MixtralSparseMoeBlock(           layers.0.mlp = MoE(gate="topk", num_experts=8, top_k=2)
+          gate=router [E, D],                             router.weight = the block's router weight
+          experts=gate_up_proj [E, 2H, D], ...)           experts.in_proj = gate_up_proj, ...
+
+Blocks are recognised by structure and behaviour (``fused_experts``: transformers 5's stacked
+experts; ``classic``: a router linear, top-k and a ModuleList of expert FFNs, read on the graph),
+never by class name. Each adoption is checked numerically before the model is touched
+(``verify``); a block moefx cannot express is reported with the reason and left as it is.
+``find_blocks`` changes nothing; ``apply`` swaps the modules.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from torch import nn
+
+from moefx.layer.moe import MoE
+from moefx.passes.adopt.classic import match_classic
+from moefx.passes.adopt.fused_experts import match_fused_experts
+from moefx.passes.adopt.spec import AdoptedBlock, layer_from_record
+from moefx.passes.adopt.verify import verified
+
+log = logging.getLogger(__name__)
+
+
+class AdoptionError(ValueError):
+    """An option of moefy contradicts an existing MoE block."""
+
+
+@dataclass(frozen=True)
+class Adoption:
+    """What ``find_blocks`` found: blocks to adopt (with their moefx layers) and blocks refused, with why."""
+
+    blocks: tuple[tuple[AdoptedBlock, MoE], ...] = ()
+    refused: tuple[tuple[str, str], ...] = ()
+    originals: tuple[nn.Module, ...] = ()  # the blocks themselves, in the order of ``blocks`` (for ``undo``)
+
+
+def family_aux_loss_coef(model: nn.Module) -> float | None:
+    """The coefficient of a transformers model's own load-balancing loss (``router_aux_loss_coef``,
+    for families whose ``output_router_logits`` adds ``load_balancing_loss_func``), else None."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "output_router_logits"):
+        return None
+    coef = getattr(config, "router_aux_loss_coef", None)
+    return float(coef) if isinstance(coef, (int, float)) else None
+
+
+def find_blocks(model: nn.Module) -> Adoption:
+    """Every existing MoE block of ``model`` (the model is not changed)."""
+    coef = family_aux_loss_coef(model)
+    blocks, refused, done, originals = [], [], [], []
+    for path, module in model.named_modules():
+        if any(path == p or path.startswith(p + ".") for p in done if p) or (done and done[0] == ""):
+            continue
+        if isinstance(module, MoE):
+            done.append(path)
+            continue
+        result = match_fused_experts(path, module, coef)
+        if result is None:
+            result = match_classic(path, module)
+        if result is None:
+            continue
+        done.append(path)
+        if isinstance(result, str):
+            refused.append((path or type(module).__name__, result))
+            continue
+        reasons = []
+        for spec in result if isinstance(result, list) else [result]:
+            checked = verified(module, spec)
+            if isinstance(checked, str):
+                reasons.append(checked)
+                continue
+            blocks.append(checked)
+            originals.append(module)
+            break
+        else:
+            refused.append((path or type(module).__name__, reasons[-1]))
+    for path, reason in refused:
+        log.warning("not adopting the MoE block %s: %s", path, reason)
+    return Adoption(tuple(blocks), tuple(refused), tuple(originals))
+
+
+def check_options(adoption: Adoption, *, num_experts: int | None, top_k: int | None) -> None:
+    """An explicit ``num_experts`` or ``top_k`` that differs from an adopted block's is an error naming it."""
+    for spec, _ in adoption.blocks:
+        for name, given, own in (("num_experts", num_experts, spec.num_experts), ("top_k", top_k, spec.routing.top_k)):
+            if given is not None and given != own:
+                raise AdoptionError(
+                    f"{name}={given} contradicts the existing MoE block {spec.path!r}, which has {name}={own}: "
+                    f"an adopted block keeps its experts and routing; leave {name} out or set it to {own}"
+                )
+
+
+def apply(model: nn.Module, adoption: Adoption) -> None:
+    """Swap each found block for its moefx layer (in the block's train/eval mode)."""
+    for (spec, layer), old in zip(adoption.blocks, adoption.originals):
+        if old is model:
+            raise AdoptionError(f"{type(model).__name__} is itself an MoE block: pass the model that holds it")
+        _swap(model, old, layer.train(old.training))
+        log.info("adopted %s (%s): %d experts, top-%d", spec.path, spec.family, spec.num_experts, spec.routing.top_k)
+
+
+def undo(model: nn.Module, adoption: Adoption) -> None:
+    """Put the original blocks back (a later step of moefy failed: the model is left as it was)."""
+    for (_, layer), old in zip(adoption.blocks, adoption.originals):
+        _swap(model, layer, old)
+
+
+def _swap(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Point every attribute that holds ``old`` to ``new``."""
+    for parent in model.modules():
+        for name, child in list(parent._modules.items()):
+            if child is old:
+                setattr(parent, name, new)
+
+
+def adopt_blocks(model: nn.Module, *, num_experts: int | None, top_k: int | None) -> Adoption:
+    """moefy's first step: find the existing MoE blocks, check moefy's explicit options against them
+    (before any change) and swap them for moefx layers, so that capture sees moefx layers (a block
+    whose forward branches on routing values, as eager expert loops do, cannot be exported)."""
+    adoption = find_blocks(model)
+    check_options(adoption, num_experts=num_experts, top_k=top_k)
+    apply(model, adoption)
+    return adoption
+
+
+def check_init(model: nn.Module, adoption: Adoption, init: str | None, *, dense_ffns: bool) -> None:
+    """``init`` is for dense FFNs: explicit, with adopted blocks and no dense FFN, it is an error."""
+    if adoption.blocks and init is not None and not dense_ffns:
+        paths = [spec.path for spec, _ in adoption.blocks]
+        raise AdoptionError(
+            f"init={init!r} initialises experts from dense FFNs, and {type(model).__name__} has none: its MoE blocks "
+            f"{paths} are adopted with their own expert weights; leave init out"
+        )
+
+
+def readopt(model: nn.Module, adopted: dict, where) -> None:
+    """``moefx.load``'s replay: the moefx layers recorded by ``adopted_record`` in place of the
+    blocks at their paths (on the model's device, meta included; the weights come from the file)."""
+    missing = [path for path in adopted if not _has(model, path)]
+    if missing:
+        raise AdoptionError(
+            f"{type(model).__name__} does not match the adoption recorded in {where}: no module at {missing}: "
+            "pass the model the output was converted from"
+        )
+    for path, record in adopted.items():
+        old = model.get_submodule(path)
+        if isinstance(old, MoE):
+            continue
+        first = next(old.parameters(), None)
+        layer = layer_from_record(record, device=None if first is None else first.device,
+                                  dtype=None if first is None else first.dtype)
+        _swap(model, old, layer.train(old.training))
+
+
+def _has(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
