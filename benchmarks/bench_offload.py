@@ -2,6 +2,12 @@
 resident model, at expert budgets of 1/8, 1/4 and 1/2, with and without prefetch.
 
     python benchmarks/bench_offload.py [--dir /tmp/moefx-offload-bench] [--device cpu|cuda]
+    python benchmarks/bench_offload.py --adopted-mixtral [--repeats 3]
+
+``--adopted-mixtral``: a transformers Mixtral (random weights; d 512, experts of h 1792, 8 experts,
+top-2, 4 layers by default) adopted by ``moefx.moefy`` instead of a converted Llama; each
+configuration runs in ``--repeats`` fresh processes and the table gives medians (and the spread),
+with the cache's hits, prefetch hits and misses per generated token.
 
 It converts a Llama-shaped model (random weights) whose expert weights dwarf the rest and saves
 it to ``--dir`` once. Each configuration then runs in a fresh process, so peak memory is its
@@ -43,8 +49,33 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4, help="sequences in the batch forward")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence in the batch forward")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated (batch of 1)")
+    p.add_argument("--adopted-mixtral", action="store_true", help="an adopted transformers Mixtral (see above)")
+    p.add_argument("--repeats", type=int, default=1, help="fresh processes per configuration (medians)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    return p.parse_args()
+    args = p.parse_args()
+    if args.adopted_mixtral and args.worker is None:  # its own sizes and directory unless given
+        given = set(sys.argv)
+        for flag, name, value in (("--h", "h", 1792), ("--experts", "experts", 8)):
+            if flag not in given:
+                setattr(args, name, value)
+        if "--dir" not in given:
+            args.dir = Path("/tmp/moefx-offload-bench-mixtral")
+    return args
+
+
+def mixtral(args):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=VOCAB, hidden_size=args.d, intermediate_size=args.h, num_hidden_layers=args.layers,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512, num_local_experts=args.experts,
+        num_experts_per_tok=args.top_k, use_cache=False, tie_word_embeddings=False,
+    )
+    return MixtralForCausalLM(config).eval()
+
+
+def build(args):
+    return mixtral(args) if args.adopted_mixtral else llama(args)
 
 
 def llama(args):
@@ -64,8 +95,17 @@ def prepare(args) -> None:
     if (args.dir / "moefx.json").is_file():
         return
     torch.manual_seed(0)
-    model = llama(args)
     ids = torch.randint(0, VOCAB, (1, 16))
+    if args.adopted_mixtral:
+        model = mixtral(args)
+        with torch.no_grad():  # transformers starts routers at 0: random ones spread the tokens over the experts
+            for name, p in model.named_parameters():
+                if name.endswith("mlp.gate.weight"):
+                    p.normal_(0.0, args.d ** -0.5)
+        moefx.moefy(model, example_inputs=(ids,))  # adopts every block: same experts, same routing
+        moefx.save(model, args.dir, force=True)
+        return
+    model = llama(args)
     # init="random" with a random router: experts differ, so routing spreads over them
     moefx.moefy(model, num_experts=args.experts, top_k=args.top_k, init="random", example_inputs=(ids,))
     moefx.save(model, args.dir, force=True)
@@ -112,7 +152,7 @@ def worker(args, config: dict) -> dict:
 
     device = torch.device(args.device)
     with torch.device("meta"):
-        dense = llama(args)
+        dense = build(args)
     gpu = device.type == "cuda"
     model = moefx.load(args.dir, dense, weights=False)  # the converted structure, every tensor on meta
     gc.collect()
@@ -167,6 +207,7 @@ def worker(args, config: dict) -> dict:
 
 def run_worker(args, config: dict) -> dict:
     command = [sys.executable, __file__, "--worker", json.dumps(config), "--dir", str(args.dir), "--device", args.device,
+               *(["--adopted-mixtral"] if args.adopted_mixtral else []),
                "--layers", str(args.layers), "--d", str(args.d), "--h", str(args.h), "--experts", str(args.experts),
                "--top-k", str(args.top_k), "--batch", str(args.batch), "--seq", str(args.seq),
                "--new-tokens", str(args.new_tokens)]
@@ -182,6 +223,9 @@ def main() -> None:
         print(json.dumps(worker(args, json.loads(args.worker))))
         return
     prepare(args)
+    if args.repeats > 1 or args.adopted_mixtral:
+        repeated_table(args)
+        return
     mib = 1 << 20
     resident = run_worker(args, {"budget": None, "prefetch": False})
     bandwidth = copy_bandwidth(torch.device(args.device), args.dir / "model.safetensors")
@@ -203,6 +247,45 @@ def main() -> None:
             print(f"{name:<28} {r['prefill_tok_s']:>13.0f} {r['decode_tok_s']:>12.1f} {r['peak'] / mib:>30.0f} "
                   f"{moved / mib:>15.1f} {limit:>18.1f}", flush=True)
             print(f"    budget {r['budget_bytes'] / mib:.0f} MiB; decode: {json.dumps(r['decode_stats'])}", flush=True)
+
+
+def repeated_table(args) -> None:
+    """Each configuration in ``args.repeats`` fresh processes: medians (min-max) of decode tok/s and
+    the cache's figures per generated token, against the limit: the resident time per token plus
+    the bytes the row moved per token at the measured copy bandwidth."""
+    from statistics import median
+
+    mib = 1 << 20
+    runs = {}
+    for fraction, prefetch in [(None, False), *((f, p) for f in BUDGETS for p in (True, False))]:
+        runs[(fraction, prefetch)] = [run_worker(args, {"budget": fraction, "prefetch": prefetch})
+                                      for _ in range(args.repeats)]
+    bandwidth = median(copy_bandwidth(torch.device(args.device), args.dir / "model.safetensors") for _ in range(3))
+    resident = runs[(None, False)]
+    resident_s = 1 / median(r["decode_tok_s"] for r in resident)
+    one_expert = resident[0]["expert_bytes"] / (args.layers * args.experts)
+    print(f"device {args.device}; expert weights {resident[0]['expert_bytes'] / mib:.0f} MiB ({one_expert / mib:.1f} MiB "
+          f"each), other weights {resident[0]['other_bytes'] / mib:.0f} MiB; copy bandwidth {bandwidth / 1e9:.2f} GB/s; "
+          f"{args.repeats} processes per row, median (min-max)")
+    print("| configuration | prefill tok/s | decode tok/s | MiB moved / token | hits / prefetch hits / misses per token "
+          "| limit tok/s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+
+    def spread(values, fmt):
+        return f"{median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+    for (fraction, prefetch), rs in runs.items():
+        prefill, decode = spread([r["prefill_tok_s"] for r in rs], ".0f"), spread([r["decode_tok_s"] for r in rs], ".1f")
+        if fraction is None:
+            print(f"| resident | {prefill} | {decode} | – | – | – |")
+            continue
+        moved = [r["decode_bytes_per_token"] for r in rs]
+        per_token = [{k: r["decode_stats"][k] / args.new_tokens for k in ("hits", "prefetch_hits", "misses")} for r in rs]
+        counts = " / ".join(f"{median(p[k] for p in per_token):.1f}" for k in ("hits", "prefetch_hits", "misses"))
+        name = f"budget 1/{round(1 / fraction)} ({rs[0]['budget_bytes'] / mib:.0f} MiB), {'prefetch' if prefetch else 'on demand'}"
+        print(f"| {name} | {prefill} | {decode} | {spread([m / mib for m in moved], '.1f')} | {counts} | "
+              f"{1 / (resident_s + median(moved) / bandwidth):.1f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import statistics
-import sysconfig
 from pathlib import Path
 
 import torch
+from text_corpus import documentation_bytes
 
 import moefx
 
@@ -36,21 +35,8 @@ SEQ, BATCH, EXPERTS, TOP_K, CAPACITY = 128, 16, 8, 2, 1.25
 
 
 def corpus() -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, held-out) bytes of the installed packages' documentation, split by file (~10% held out)."""
-    root = Path(sysconfig.get_paths()["purelib"])
-    texts = {}
-    for pattern in ("*.md", "*.rst", "LICENSE*", "COPYING*"):
-        for path in root.rglob(pattern):
-            if path.is_file() and path.stat().st_size > 1024:
-                data = path.read_bytes()
-                texts[hashlib.sha1(data).hexdigest()] = data
-    ordered = [texts[k] for k in sorted(texts)]
-    cut = len(ordered) * 9 // 10
-
-    def tokens(parts):
-        return torch.frombuffer(bytearray(b"\n".join(parts)), dtype=torch.uint8).long()
-
-    return tokens(ordered[:cut]), tokens(ordered[cut:])
+    """(train, held-out) bytes of the installed packages' documentation, as token ids."""
+    return tuple(torch.frombuffer(bytearray(part), dtype=torch.uint8).long() for part in documentation_bytes())
 
 
 def batch(tokens: torch.Tensor, rows: int, seed: int) -> torch.Tensor:

@@ -20,14 +20,13 @@ the end. Figures go to ``OUT/results.json`` and ``OUT/upcycle_quality.png`` (nee
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import statistics
-import sysconfig
 import time
 from pathlib import Path
 
 import torch
+from text_corpus import WITH_METADATA, documentation_bytes
 
 import moefx
 
@@ -36,21 +35,6 @@ VARIANTS = (
     "drop-upcycle/random", "drop-upcycle/weights", "drop-upcycle/kmeans",
 )
 SEQ, BATCH, EXPERTS, TOP_K = 128, 16, 8, 2
-
-
-def corpus() -> tuple[bytes, bytes]:
-    """(train, held-out) bytes from the installed packages' documentation."""
-    root = Path(sysconfig.get_paths()["purelib"])
-    patterns = ("*.md", "*.rst", "LICENSE*", "METADATA", "COPYING*")
-    texts = {}
-    for pattern in patterns:
-        for path in root.rglob(pattern):
-            if path.is_file() and path.stat().st_size > 1024:
-                data = path.read_bytes()
-                texts[hashlib.sha1(data).hexdigest()] = data
-    ordered = [texts[k] for k in sorted(texts)]
-    cut = len(ordered) * 9 // 10
-    return b"\n".join(ordered[:cut]), b"\n".join(ordered[cut:])
 
 
 def batches(data: bytes, count: int, seed: int) -> list[torch.Tensor]:
@@ -153,11 +137,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (more than the free cores stalls)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/upcycle_quality"))
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    train_bytes, eval_bytes = corpus()
+    train_bytes, eval_bytes = documentation_bytes(WITH_METADATA)
     print(f"corpus: {len(train_bytes) / 1e6:.2f} MB train, {len(eval_bytes) / 1e6:.2f} MB held out")
     eval_data = batches(eval_bytes, args.eval_batches, seed=12345)
     checkpoint = args.out / f"dense-{args.pretrain_steps}.pt"

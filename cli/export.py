@@ -1,7 +1,8 @@
 """``moefx export OUT_DIR --format {pt2,aoti,tensorrt,hf}``: a moefx convert output, exported for
 deployment (``moefx.exporting``). The model file the output records is imported to rebuild the
 model and to give the example inputs (token inputs' batch and sequence sizes are dynamic; other
-shapes are the example's). It ends with the exact Python line that loads the result.
+shapes are the example's); an output converted from a transformers checkpoint is rebuilt from the
+config its manifest records, with token ids as example inputs. It ends with the exact Python line that loads the result.
 
 ``--format hf`` writes the converted transformers model as its native MoE family instead
 (``moefx.artifact.hf_native``: Llama -> Mixtral, ...), a directory that
@@ -21,6 +22,7 @@ import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
 from moefx.artifact.atomic import refuse_existing
+from moefx.artifact.checkpoint_source import config_from_record, token_inputs
 from moefx.artifact.format import ArtifactError, read_manifest
 from moefx.artifact.hf_native import NativeFormatError, write_native
 from moefx.artifact.hf_native.write import CONFIG, DEFAULT_SHARD_SIZE
@@ -151,7 +153,10 @@ def load_instruction(target: Path, format: str) -> str:
 
 def _rebuild(out_dir: Path, manifest: dict):
     """The converted model with its weights, and example inputs: the model file's, else zeros of the
-    shapes recorded at conversion."""
+    shapes recorded at conversion; for an output converted from a checkpoint, token ids made from
+    the config its manifest records."""
+    if (manifest.get("source") or {}).get("checkpoint") and not manifest["source"].get("file"):
+        return _rebuild_checkpoint(out_dir, manifest)
     try:
         source = recorded_model_file(manifest, out_dir, otherwise="use moefx.export(model, path, example_inputs=...)")
     except ArtifactError as err:
@@ -170,3 +175,15 @@ def _rebuild(out_dir: Path, manifest: dict):
     if source.get("dtype"):
         inputs, kwargs = cast_inputs(inputs, source["dtype"]), cast_inputs(kwargs, source["dtype"])
     return model, tuple(inputs or ()), kwargs or {}
+
+
+def _rebuild_checkpoint(out_dir: Path, manifest: dict):
+    """An output converted from a transformers checkpoint: the manifest records the config, so the
+    model is rebuilt from it and the weights alone; the inputs are token ids, as ``convert`` makes them."""
+    try:
+        model = load(out_dir)
+        # batch and sequence of 2 or more, so that torch.export keeps both dynamic (it fixes a size of 1)
+        inputs = token_inputs(config_from_record(manifest["source"]), batch=2, seq_len=16, device="cpu")
+    except (ArtifactError, ModelFileError, CaptureError) as err:
+        raise CLIError(f"cannot load {out_dir}: {err}") from err
+    return model, inputs, {}

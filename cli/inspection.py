@@ -18,6 +18,7 @@ from moefx.cli.checks import CLIError, options_from_args
 from moefx.cli.layer_graph import layer_graph
 from moefx.cli.views import Candidate, candidates, graph_table, inspect_summary, make_console, module_tree
 from moefx.model import expert_size, moe_layers, parameter_counts
+from moefx.passes.adopt import adopt_blocks, record_adoption
 from moefx.passes.capture import CaptureError
 from moefx.passes.driver import ConversionOptions, convert_found, search
 from moefx.passes.record import Conversion, add_conversion, conversions, model_source
@@ -107,7 +108,8 @@ def dense_parameters(model) -> int:
     """The parameters of the model before conversion, from the converted one: each MoE layer
     counted as the dense FFN it replaced (its record gives the FFN's sizes, kind and biases)."""
     total = parameter_counts(model).total
-    for _, layer in moe_layers(model):
+    adopted = {path for c in conversions(model) for path in (c.adopted or {})}  # an MoE before: counted as it is
+    for _, layer in (entry for entry in moe_layers(model) if entry[0] not in adopted):
         total -= layer.config.num_experts * expert_size(layer) + sum(
             p.numel() for name, p in layer.named_parameters() if not name.startswith("experts."))
     for conversion in conversions(model):
@@ -132,6 +134,8 @@ def _from_model_file(file: Path, args: argparse.Namespace, options: ConversionOp
         built = load_model_file(file, args.entry)
         model = built.model
         before = parameter_counts(model).total
+        adoption = adopt_blocks(model, num_experts=None, top_k=None)  # existing MoE blocks first, as convert does
+        record_adoption(model, adoption, options, None)
         found = search(model, built.example_args, built.example_kwargs)
         if not found.matches:  # nothing converts; still show what was rejected
             add_conversion(model, Conversion(options, (), rejected=tuple((r.path, r.reason) for r in found.rejected)))

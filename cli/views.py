@@ -21,7 +21,7 @@ from moefx.layer.folded import Folded
 from moefx.layer.moe import MoE
 from moefx.passes.record import Conversion
 
-_STATUS_STYLE = {"converted": "green", "skipped": "yellow", "rejected": "red"}
+_STATUS_STYLE = {"converted": "green", "adopted": "cyan", "skipped": "yellow", "rejected": "red"}
 
 
 def make_console(stderr: bool = False) -> Console:
@@ -37,7 +37,7 @@ def make_console(stderr: bool = False) -> Console:
 @dataclass(frozen=True)
 class Candidate:
     path: str
-    status: str  # "converted", "skipped" (found, not chosen) or "rejected" (not an FFN)
+    status: str  # "converted", "adopted" (an existing MoE block), "skipped" (found, not chosen) or "rejected" (not an FFN)
     reason: str = ""
     detail: str = ""  # "glu 128→256 (silu)"
 
@@ -54,6 +54,9 @@ def candidates(recorded: tuple[Conversion, ...]) -> list[Candidate]:
         for c in conversion.converted:
             detail = f"{c.kind} {c.d_model}→{c.d_hidden} ({c.activation}, {c.placement})"
             found[c.path] = Candidate(c.path, "converted", detail=detail)
+        for path, record in (conversion.adopted or {}).items():  # existing MoE blocks, kept as they were
+            config = record["config"]
+            found[path] = Candidate(path, "adopted", detail=f"{config['num_experts']} experts, top-{config['top_k']}")
     return list(found.values())
 
 

@@ -146,10 +146,13 @@ def meta_model(config, dtype: torch.dtype) -> nn.Module:
 
 def meta_model_from_record(source: dict) -> nn.Module:
     """The dense model a manifest's checkpoint ``source`` records, on meta (for ``moefx.load``)."""
-    transformers = _transformers()
+    return meta_model(config_from_record(source), getattr(torch, source.get("dtype") or "float32"))
+
+
+def config_from_record(source: dict):
+    """The transformers config a manifest's checkpoint ``source`` records."""
     data = dict(source["config"])
-    config = transformers.AutoConfig.for_model(data.pop("model_type"), **data)
-    return meta_model(config, getattr(torch, source.get("dtype") or "float32"))
+    return _transformers().AutoConfig.for_model(data.pop("model_type"), **data)
 
 
 @torch.no_grad()

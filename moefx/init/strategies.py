@@ -55,12 +55,15 @@ def init_from_template(
     if down_bias is None:
         down_bias = template.down_weight.new_zeros(template.d_model)
     neurons = _neurons_per_expert(template, E, split_by) if strategy == "split" else None
+    # Every expert of an upcycle is the whole FFN: its gate and up rows are concatenated once, not per expert.
+    whole = None if neurons is not None else (_in_weight(template, slice(None)),
+                                              None if experts.in_bias is None else _in_bias(template, slice(None)))
     for e in range(E):
         rows = neurons[e] if neurons is not None else slice(None)
-        experts.in_proj[e].copy_(_in_weight(template, rows))
+        experts.in_proj[e].copy_(_in_weight(template, rows) if whole is None else whole[0])
         experts.out_proj[e].copy_(template.down_weight[:, rows])
         if experts.in_bias is not None:
-            experts.in_bias[e].copy_(_in_bias(template, rows))
+            experts.in_bias[e].copy_(_in_bias(template, rows) if whole is None else whole[1])
             experts.out_bias[e].copy_(down_bias / E if strategy == "split" else down_bias)
     if strategy == "split":
         moe.router.weight.zero_()

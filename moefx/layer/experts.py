@@ -86,8 +86,10 @@ class GroupedExperts(nn.Module):
     resident = True
 
     def __init__(
-        self, d_model: int, d_hidden: int, num_experts: int, mid: ExpertMid, bias: bool, *, device=None, dtype=None
+        self, d_model: int, d_hidden: int, num_experts: int, mid: ExpertMid, bias: bool, *, device=None, dtype=None,
+        init: bool = True,
     ) -> None:
+        """``init=False`` leaves the weights uninitialised, for a caller that fills every one of them."""
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         width = 2 * d_hidden if mid.gated else d_hidden
@@ -96,7 +98,8 @@ class GroupedExperts(nn.Module):
         self.out_proj = nn.Parameter(torch.empty(num_experts, d_model, d_hidden, **factory))
         self.in_bias = nn.Parameter(torch.empty(num_experts, width, **factory)) if bias else None
         self.out_bias = nn.Parameter(torch.empty(num_experts, d_model, **factory)) if bias else None
-        self.reset_parameters()
+        if init:
+            self.reset_parameters()
 
     @property
     def dtype(self) -> torch.dtype:

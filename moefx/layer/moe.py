@@ -71,7 +71,11 @@ class MoE(nn.Module):
     ``MoE.from_ffn(template, num_experts=8, init="upcycle")``.
     """
 
-    def __init__(self, config: MoEConfig | None = None, *, device=None, dtype=None, **options) -> None:
+    def __init__(
+        self, config: MoEConfig | None = None, *, device=None, dtype=None, init_experts: bool = True, **options
+    ) -> None:
+        """``init_experts=False`` leaves the routed experts' weights uninitialised, for a caller that
+        fills every one of them (``MoE.from_ffn``)."""
         super().__init__()
         if config is None:
             config = MoEConfig(**options)
@@ -83,7 +87,7 @@ class MoE(nn.Module):
         self.router = make_router(config, **factory)
         self.experts: Experts = GroupedExperts(
             config.d_model, config.d_hidden, config.num_experts, ExpertMid(activation, config.gated), config.bias,
-            **factory,
+            init=init_experts, **factory,
         )
         self.shared_experts = None
         if config.num_shared_experts:

@@ -5,15 +5,17 @@ from moefx.passes.adopt.adopt import (
     AdoptionError,
     adopt_blocks,
     apply,
+    block_paths,
     check_init,
     check_options,
     find_blocks,
     readopt,
+    record_adoption,
     undo,
 )
 from moefx.passes.adopt.spec import AdoptedBlock, adopted_record
 
 __all__ = [
-    "AdoptedBlock", "Adoption", "AdoptionError", "adopt_blocks", "adopted_record", "apply", "check_init",
-    "check_options", "find_blocks", "readopt", "undo",
+    "AdoptedBlock", "Adoption", "AdoptionError", "adopt_blocks", "adopted_record", "apply", "block_paths", "check_init",
+    "check_options", "find_blocks", "readopt", "record_adoption", "undo",
 ]

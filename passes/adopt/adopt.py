@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from moefx.layer.moe import MoE
-from moefx.passes.adopt.classic import match_classic
-from moefx.passes.adopt.fused_experts import match_fused_experts
-from moefx.passes.adopt.spec import AdoptedBlock, layer_from_record
+from moefx.passes.adopt.classic import looks_classic, match_classic
+from moefx.passes.adopt.fused_experts import looks_fused, match_fused_experts
+from moefx.passes.adopt.spec import AdoptedBlock, adopted_record, layer_from_record
 from moefx.passes.adopt.verify import verified
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,19 @@ def find_blocks(model: nn.Module) -> Adoption:
     return Adoption(tuple(blocks), tuple(refused), tuple(originals))
 
 
+def block_paths(model: nn.Module) -> list[str]:
+    """The modules that look like MoE blocks by their parts alone (stacked experts and a router, or a
+    router linear and a ModuleList of as many experts), outermost only. Needs no values: it works on
+    the meta device, where ``find_blocks`` cannot tell a block's routing."""
+    paths: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(p + ".") for p in paths) or isinstance(module, MoE):
+            continue
+        if looks_fused(module) or looks_classic(module):
+            paths.append(path)
+    return paths
+
+
 def check_options(adoption: Adoption, *, num_experts: int | None, top_k: int | None) -> None:
     """An explicit ``num_experts`` or ``top_k`` that differs from an adopted block's is an error naming it."""
     for spec, _ in adoption.blocks:
@@ -128,6 +141,19 @@ def adopt_blocks(model: nn.Module, *, num_experts: int | None, top_k: int | None
     check_options(adoption, num_experts=num_experts, top_k=top_k)
     apply(model, adoption)
     return adoption
+
+
+def record_adoption(model: nn.Module, adoption: Adoption, options, example_spec: dict | None) -> None:
+    """Record the adopted blocks on ``model`` (as moefy does: apart from, and before, the dense FFNs'
+    conversion, so that ``moefx.load`` adopts first). ``options``: the run's ``ConversionOptions``."""
+    from moefx.passes.record import Conversion, add_conversion
+
+    if not (adoption.blocks or adoption.refused):
+        return
+    add_conversion(model, Conversion(
+        options=options, converted=(), adopted={spec.path: adopted_record(spec, layer) for spec, layer in adoption.blocks},
+        skipped=adoption.refused, example_inputs=example_spec,
+    ))
 
 
 def check_init(model: nn.Module, adoption: Adoption, init: str | None, *, dense_ffns: bool) -> None:

@@ -24,6 +24,13 @@ from moefx.passes.adopt.spec import AdoptedBlock
 _THROUGH = {"_to_copy", "clone", "detach", "view", "reshape", "_unsafe_view", "alias", "contiguous"}
 
 
+def looks_classic(block: nn.Module) -> bool:
+    """A router linear and a ModuleList of as many modules among ``block``'s children (no values read)."""
+    lists = [c for c in block.children() if isinstance(c, nn.ModuleList) and len(c) >= 2]
+    return not isinstance(block, nn.ModuleList) and sum(
+        isinstance(c, nn.Linear) and any(c.out_features == len(m) for m in lists) for c in block.children()) == 1
+
+
 def match_classic(path: str, block: nn.Module) -> list[AdoptedBlock] | str | None:
     """Candidate specs (one per routing form the graph allows; ``verify`` picks), a reason when the
     block has the parts but moefx cannot express it, or None when it is not such a block."""

@@ -13,6 +13,8 @@ gate function computes; ``verify`` then checks the whole block.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
@@ -22,6 +24,15 @@ from moefx.passes.adopt.routing import choose, sigmoid_candidates, softmax_candi
 from moefx.passes.adopt.spec import AdoptedBlock, SharedExperts
 
 _GATED, _PLAIN = ("gate_up_proj", "down_proj"), ("up_proj", "down_proj")
+
+
+def looks_fused(block: nn.Module) -> bool:
+    """Stacked experts and one router among ``block``'s children (shapes only, no values read)."""
+    experts_name = next((n for n, c in block.named_children() if _stacked(c) is not None), None)
+    if experts_name is None:
+        return False
+    E = _stacked(block.get_submodule(experts_name))[1]
+    return sum(n != experts_name and _router_weight(c, E) is not None for n, c in block.named_children()) == 1
 
 
 def match_fused_experts(path: str, block: nn.Module, aux_loss_coef: float | None) -> AdoptedBlock | str | None:
@@ -81,7 +92,10 @@ def _router_weight(module: nn.Module, E: int) -> Tensor | None:
 def _routing(router: nn.Module, weight_ED: Tensor, E: int):
     bias = getattr(router, "bias", None)
     bias_E = bias.detach() if isinstance(bias, Tensor) and bias.shape == (E,) else None
-    x_TD = probe_tokens(weight_ED.shape[1], dtype=weight_ED.dtype, device=weight_ED.device)
+    dtype = weight_ED.dtype
+    if dtype not in (torch.float32, torch.float64):  # bfloat16 rounds weights too coarsely to tell the forms apart:
+        router, dtype = copy.deepcopy(router).double(), torch.float64  # a float64 copy of the router ([E, D]) alone
+    x_TD = probe_tokens(weight_ED.shape[1], dtype=dtype, device=weight_ED.device)
     with torch.no_grad():
         out = router(x_TD)
     if not (isinstance(out, tuple) and len(out) == 3 and all(isinstance(t, Tensor) for t in out)):

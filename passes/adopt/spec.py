@@ -99,7 +99,10 @@ class AdoptedBlock:
         )
 
     def build(self) -> MoE:
-        """The moefx layer holding copies of this block's weights (same device and dtype)."""
+        """The moefx layer with this block's weights (same device and dtype). Expert stacks already in
+        moefx's layout (Mixtral's, Qwen's: ``[E, 2H, D]`` gate rows first, ``[E, D, H]``) are shared with
+        the block, not copied (the layer's fresh ``empty`` stacks are never written, so never paged in):
+        adopting a model holds its experts once; others (transposed, interleaved) are copied."""
         first = self.in_proj
         layer_class = MoEWithRouterScores if self.returns_router_scores else MoE
         layer = layer_class(self.config(), device=first.device, dtype=first.dtype)
@@ -109,12 +112,20 @@ class AdoptedBlock:
             if self.routing.score_bias_E is not None:
                 layer.router.score_bias.copy_(self.routing.score_bias_E)
             for name in ("in_proj", "out_proj", "in_bias", "out_bias"):
-                _copy(getattr(layer.experts, name), getattr(self, name))
+                if _can_share(getattr(layer.experts, name), getattr(self, name)):  # the block's own storage, no copy
+                    setattr(layer.experts, name, nn.Parameter(getattr(self, name)))
+                else:
+                    _copy(getattr(layer.experts, name), getattr(self, name))
             if self.shared is not None:
                 _copy(layer.shared_experts.in_proj.weight, self.shared.in_proj)
                 _copy(layer.shared_experts.out_proj.weight, self.shared.out_proj)
                 _copy(None if layer.shared_gate is None else layer.shared_gate.weight, self.shared.gate_weight_1D)
         return layer
+
+
+def _can_share(target: Tensor | None, source: Tensor | None) -> bool:
+    return (target is not None and source is not None and target.shape == source.shape
+            and target.dtype == source.dtype and target.device == source.device and source.is_contiguous())
 
 
 def _copy(target: Tensor | None, source: Tensor | None) -> None:
