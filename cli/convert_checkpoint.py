@@ -22,9 +22,8 @@ from moefx.artifact.shards import parse_size
 from moefx.artifact.streaming import convert_on_meta
 from moefx.cli.checks import CLIError
 from moefx.cli.views import make_console, summary_table
-from moefx.converting import MARKERS, write_converted
+from moefx.converting import MARKERS, load_to_adopt, write_converted
 from moefx.model import parameter_counts
-from moefx.passes.adopt import block_paths
 from moefx.passes.capture import CaptureError
 from moefx.passes.driver import NoFFNFound
 from moefx.passes.options import ConversionOptions
@@ -59,8 +58,9 @@ def run_convert_checkpoint(args: argparse.Namespace, options: ConversionOptions)
             inputs = token_inputs(checkpoint.config, batch=args.batch, seq_len=args.seq_len)
         except CheckpointError as err:
             raise CLIError(str(err)) from err
-        if block_paths(dense):  # existing MoE blocks: adopted from the loaded weights, not streamed
-            return _adopt_in_memory(args, options, checkpoint, dtype, inputs, out, stage)
+        loaded = load_to_adopt(checkpoint, dense, dtype)  # existing MoE blocks: adopted from their weights
+        if loaded is not None:
+            return _adopt_in_memory(args, options, checkpoint, loaded, dtype, out, stage)
         before = parameter_counts(dense)
         stage("capture")
         try:
@@ -98,20 +98,12 @@ def run_convert_checkpoint(args: argparse.Namespace, options: ConversionOptions)
 
 
 
-def _adopt_in_memory(args, options: ConversionOptions, checkpoint, dtype, inputs, out: Path, stage) -> int:
-    """A checkpoint with existing MoE blocks (Mixtral, Qwen-MoE, ...): adoption checks each block on
-    its real weights and builds the moefx layer from them, which a streamed conversion on the meta
-    device never holds, so the model is loaded whole (memory: the model once) and converted as a
+def _adopt_in_memory(args, options: ConversionOptions, checkpoint, model, dtype, out: Path, stage) -> int:
+    """A checkpoint with existing MoE blocks (Mixtral, Qwen-MoE, ...), loaded whole by ``load_to_adopt``
+    (a streamed conversion on the meta device never holds the weights adoption reads), converted as a
     model file is. The manifest records the checkpoint's config, so ``moefx.load`` rebuilds it alone."""
-    import logging
-
-    from moefx.artifact.checkpoint_source import model_class
     from moefx.cli.convert import convert_in_memory
 
-    logging.getLogger(__name__).warning(
-        "%s has existing MoE blocks: adopting them needs their weights, so it is loaded in memory, not streamed",
-        checkpoint.directory)
-    model = model_class(checkpoint.config).from_pretrained(checkpoint.directory, dtype=dtype).eval()
     inputs = token_inputs(checkpoint.config, batch=args.batch, seq_len=args.seq_len, device="cpu")  # real tensors
     return convert_in_memory(args, options, model, inputs, None, stage, out=out, source=checkpoint.source(dtype),
                              label=str(checkpoint.hub_id or checkpoint.directory))

@@ -6,7 +6,9 @@
 A checkpoint (a ``save_pretrained`` directory, or a hub id in the local Hugging Face cache) is
 converted in bounded memory: the model is built and converted on the meta device, then each
 tensor is read from the memory-mapped files, or each MoE layer built from its FFN, as it is
-written (``moefx.artifact.streaming``). A model file (``build_model()``) is converted in memory.
+written (``moefx.artifact.streaming``). A model file (``build_model()``) is converted in memory, and
+so is a checkpoint with existing MoE blocks (Mixtral, Qwen-MoE, ...): adopting a block reads its
+weights, which a conversion on meta never holds (``load_to_adopt``; ``moefx convert`` does the same).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from moefx.artifact.atomic import atomic_directory, refuse_existing
 from moefx.artifact.checkpoint_source import (
@@ -23,6 +26,7 @@ from moefx.artifact.checkpoint_source import (
     checkpoint_dtype,
     is_checkpoint_source,
     meta_model,
+    model_class,
     open_checkpoint,
     token_inputs,
 )
@@ -31,6 +35,7 @@ from moefx.artifact.model_file import load_model_file
 from moefx.artifact.save import save
 from moefx.artifact.shards import parse_size, write_shards
 from moefx.artifact.streaming import MetaConversion, convert_on_meta, stream_plan
+from moefx.passes.adopt import block_paths
 from moefx.passes.driver import conversion_options, moefy
 
 log = logging.getLogger(__name__)
@@ -64,8 +69,12 @@ def convert(
         return _convert_model_file(Path(source), Path(out_dir), format, shard_bytes, dtype, entry, force, moefy_options)
     checkpoint = open_checkpoint(source)
     dtype = dtype or checkpoint_dtype(checkpoint)
-    meta = convert_on_meta(meta_model(checkpoint.config, dtype), options, token_inputs(
-        checkpoint.config, batch=batch, seq_len=seq_len))
+    dense = meta_model(checkpoint.config, dtype)
+    loaded = load_to_adopt(checkpoint, dense, dtype)
+    if loaded is not None:
+        return _convert_loaded(loaded, checkpoint, Path(out_dir), format, shard_bytes, dtype, force, batch, seq_len,
+                               moefy_options)
+    meta = convert_on_meta(dense, options, token_inputs(checkpoint.config, batch=batch, seq_len=seq_len))
     return write_converted(meta, checkpoint, Path(out_dir), dtype=dtype, format=format, max_shard_bytes=shard_bytes,
                            force=force)
 
@@ -91,13 +100,38 @@ def write_converted(
     return out_dir
 
 
+def load_to_adopt(checkpoint: Checkpoint, dense_on_meta: nn.Module, dtype: torch.dtype) -> nn.Module | None:
+    """The checkpoint's model loaded whole (memory: the model once), in eval mode, when its model
+    (``dense_on_meta``, built by ``meta_model``) has existing MoE blocks; None when it has none and
+    so streams. Adoption checks each block on its real weights and builds the moefx layer from them."""
+    if not block_paths(dense_on_meta):
+        return None
+    log.warning("%s has existing MoE blocks: adopting them needs their weights, so it is loaded in memory, "
+                "not streamed", checkpoint.directory)
+    return model_class(checkpoint.config).from_pretrained(checkpoint.directory, dtype=dtype).eval()
+
+
+def _convert_loaded(model: nn.Module, checkpoint: Checkpoint, out_dir: Path, format: str, shard_bytes, dtype,
+                    force: bool, batch: int, seq_len: int, moefy_options) -> Path:
+    """A checkpoint loaded by ``load_to_adopt``: its blocks adopted, its dense FFNs (if any) converted,
+    written as a model file's is. The manifest records the checkpoint, so ``moefx.load`` rebuilds it alone."""
+    if format == "moefx" and shard_bytes is not None:
+        raise ValueError(f"max_shard_size applies to a checkpoint streamed or written with format='hf'; "
+                         f"{checkpoint.directory} has MoE blocks, so its moefx output is one file: leave it out")
+    inputs = token_inputs(checkpoint.config, batch=batch, seq_len=seq_len, device="cpu")  # real tensors
+    moefy(model, example_inputs=inputs, **moefy_options)  # an adopted block keeps its own expert count
+    if format == "hf":
+        return Path(native_writer()(model, out_dir, max_shard_size=shard_bytes, source_dir=checkpoint.directory,
+                                    force=force))
+    return save(model, out_dir, force=force, source=checkpoint.source(dtype))
+
+
 def _convert_model_file(path: Path, out_dir: Path, format: str, shard_bytes, dtype, entry, force, moefy_options) -> Path:
     built = load_model_file(path, entry)
     model = built.model
     if dtype is not None:
         model.to(dtype)
-    moefy(model, example_inputs=built.example_args, example_kwargs=built.example_kwargs,
-          **{"num_experts": 8, "top_k": 2, **moefy_options})
+    moefy(model, example_inputs=built.example_args, example_kwargs=built.example_kwargs, **moefy_options)
     if format == "hf":
         return Path(native_writer()(model, out_dir, max_shard_size=shard_bytes, force=force))
     if shard_bytes is not None:

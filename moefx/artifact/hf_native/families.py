@@ -34,7 +34,9 @@ class Family:
     stacked: tuple[str, str] | None = None
     optional_renormalize: bool = False  # has norm_topk_prob (else top-k weights are always renormalised)
     dense_layers: bool = False  # can leave layers dense (mlp_only_layers, decoder_sparse_step)
-    zero_shared_expert: bool = False  # always has a sigmoid-gated shared expert (Qwen2-MoE)
+    # Always has a sigmoid-gated shared expert (Qwen2-MoE): a layer's own (shared experts with
+    # shared_expert_gate, as adoption makes them), or else a zero one that adds exactly 0 (plan.py).
+    gated_shared_expert: bool = False
     # Dense config fields the MoE family lacks, with the only value it behaves as.
     requires: dict[str, object] = field(default_factory=dict)
     # Dense config fields dropped once ``requires`` held (the MoE config has no such field).
@@ -56,7 +58,7 @@ FAMILIES: dict[str, Family] = {  # dense config model_type -> its MoE family
     "llama": replace(_MIXTRAL, requires={"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1},
                      drops=("attention_bias", "mlp_bias", "pretraining_tp")),
     "mistral": _MIXTRAL,
-    "qwen2": Family(moe_type="qwen2_moe", architecture="Qwen2MoeForCausalLM", zero_shared_expert=True, **_QWEN_MOE),
+    "qwen2": Family(moe_type="qwen2_moe", architecture="Qwen2MoeForCausalLM", gated_shared_expert=True, **_QWEN_MOE),
     # Qwen3 slides its window over the layers from max_window_layers on, Qwen3-MoE over every layer.
     "qwen3": Family(moe_type="qwen3_moe", architecture="Qwen3MoeForCausalLM", requires={"use_sliding_window": False},
                     drops=("layer_types", "max_window_layers"), **_QWEN_MOE),
@@ -72,10 +74,10 @@ FAMILIES: dict[str, Family] = {  # dense config model_type -> its MoE family
     ),
 }
 # A native MoE model that moefx adopted (moefx.moefy on a loaded Mixtral...) is written as its own
-# family (round trips in tests/artifact/test_hf_native_save.py). Qwen2-MoE is not among them: its
-# sigmoid-gated shared expert has no place in the moefx layer that this writer knows.
-FAMILIES |= {f.moe_type: replace(f, requires={}, drops=()) for f in (FAMILIES["mistral"], FAMILIES["qwen3"],
-                                                                     FAMILIES["granite"], FAMILIES["olmo2"])}
+# family (round trips in tests/artifact/test_hf_native_save.py and test_hf_native_adopted.py).
+FAMILIES |= {f.moe_type: replace(f, requires={}, drops=()) for f in (FAMILIES["mistral"], FAMILIES["qwen2"],
+                                                                     FAMILIES["qwen3"], FAMILIES["granite"],
+                                                                     FAMILIES["olmo2"])}
 
 
 def family_of(model_type: str | None) -> Family | None:

@@ -5,7 +5,8 @@ express.
 The MoE layers must sit where the dense model's MLPs were (``model.layers.{i}.mlp``, or the
 family's own block for an adopted native model) and route as
 the family does: softmax top-k, dropless, no expert biases, no routed scale, the dense model's
-activation, one expert count, top-k and expert size for the whole model.
+activation, one expert count, top-k and expert size for the whole model. Shared experts only where
+the family has a sigmoid-gated shared expert (Qwen2-MoE), gated so, of one width in every layer.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class NativeLayout:
     config: object  # the MoE family's transformers config
     moe_layers: dict[str, int]  # MoE layer path -> decoder layer index
     tied: frozenset[str]  # state_dict names that are tied copies (not written, as save_pretrained does)
+    shared_width: int = 0  # the layers' shared-expert hidden size; 0: none (a zero one where the family needs it)
 
 
 def native_layout(model: nn.Module) -> NativeLayout:
@@ -77,7 +79,12 @@ def native_layout(model: nn.Module) -> NativeLayout:
     dtype = layers[0][1].experts.dtype
     native = _native_config(config, family, first, dense, dtype)
     tied = frozenset((getattr(model, "all_tied_weights_keys", None) or {}).keys())
-    return NativeLayout(family, native, indices, tied)
+    return NativeLayout(family, native, indices, tied, shared_width(first))
+
+
+def shared_width(config) -> int:
+    """A layer's shared-expert hidden size (moefx holds its shared experts as one FFN), 0 without."""
+    return config.num_shared_experts * config.d_hidden
 
 
 def renormalizes(config) -> bool:
@@ -98,8 +105,10 @@ def _check_layer(path: str, layer, family: Family, model_config) -> None:
         problems.append("ungated experts (gated=False; the family's experts are GLUs)")
     if c.routed_scale != 1.0:
         problems.append(f"routed_scale={c.routed_scale} (init='split' scales the experts' sum)")
-    if c.num_shared_experts:
-        problems.append(f"num_shared_experts={c.num_shared_experts}")
+    if c.num_shared_experts and not family.gated_shared_expert:
+        problems.append(f"num_shared_experts={c.num_shared_experts} (the family has no shared expert)")
+    elif c.num_shared_experts and not c.shared_expert_gate:
+        problems.append("shared experts without shared_expert_gate (the family weighs its shared expert by a sigmoid gate)")
     if c.jitter:
         problems.append(f"router_jitter={c.jitter}")
     if not renormalizes(c) and not family.optional_renormalize:
@@ -123,7 +132,8 @@ def _check_alike(layers) -> None:
     """The family has one expert count, top-k, expert size, renormalisation and aux-loss weight."""
     def key(c):
         return {"num_experts": c.num_experts, "top_k": c.top_k, "d_hidden": c.d_hidden,
-                "renormalize": renormalizes(c), "load_balance_coef": c.load_balance_coef}
+                "renormalize": renormalizes(c), "load_balance_coef": c.load_balance_coef,
+                "shared expert width": shared_width(c)}
 
     (first_path, first), *rest = layers
     for path, layer in rest:
@@ -155,8 +165,8 @@ def _native_config(config, family: Family, c, dense: list[int], dtype: torch.dty
         moe["norm_topk_prob"] = renormalizes(c)
     if family.dense_layers:
         moe |= {"mlp_only_layers": dense, "decoder_sparse_step": 1}
-    if family.zero_shared_expert:
-        moe["shared_expert_intermediate_size"] = 1  # with zero weights it adds exactly 0 (see plan.py)
+    if family.gated_shared_expert:  # the layers' own, or width 1 with zero weights: it adds exactly 0 (plan.py)
+        moe["shared_expert_intermediate_size"] = shared_width(c) or 1
     native = CONFIG_MAPPING[family.moe_type](**{**fields, **moe})
     native.architectures = [family.architecture]
     native.dtype = dtype

@@ -7,6 +7,11 @@ Legend: E experts, H expert hidden dim, D model dim.
                                                             {block}.experts.{e}.{up}    [H, D] = in_proj[e, H:]
     model.layers.{i}.mlp.experts.out_proj     [E, D, H]  -> {block}.experts.{e}.{down}  [D, H] = out_proj[e]
     (GraniteMoe keeps the stacks: {block}.input_linear.weight, {block}.output_linear.weight)
+    model.layers.{i}.mlp.shared_experts.in_proj.weight  [2S, D] -> {block}.shared_expert.gate_proj.weight [S, D] = [:S]
+                                                                  {block}.shared_expert.up_proj.weight   [S, D] = [S:]
+    model.layers.{i}.mlp.shared_experts.out_proj.weight [D, S]  -> {block}.shared_expert.down_proj.weight
+    model.layers.{i}.mlp.shared_gate.weight             [1, D]  -> {block}.shared_expert_gate.weight
+    (Qwen2-MoE; S the shared experts' hidden size)
     every other tensor                                   -> its own name (tied copies left out)
 
 An expert stack is made once, when the writer reaches its first slice, and dropped when the next
@@ -14,8 +19,9 @@ stack is made: its slices come one after another, so memory holds one stack at a
 indexes list names alphabetically, which interleaves the two stacks of a layer; the order of
 tensors in a file does not matter to any reader.)
 
-Qwen2-MoE always has a shared expert, added to the routed ones through ``sigmoid(gate · x)``. It is
-written with width 1 (``shared_expert_intermediate_size=1``) and zero weights, gate included:
+Qwen2-MoE always has a shared expert, added to the routed ones through ``sigmoid(gate · x)``.
+A layer that has none (a converted dense Qwen2) gets one written with width 1
+(``shared_expert_intermediate_size=1``) and zero weights, gate included:
 ``down · (silu(gate_proj · x) * (up_proj · x)) = down · (silu(0) * 0) = 0`` exactly, so the loaded
 model computes what the moefx model does. Its gradients are 0 too (each factor's is multiplied by
 another that is 0), so it stays 0 in training. (Width 0 would say the same with empty tensors, but
@@ -33,6 +39,7 @@ from torch import Tensor
 from moefx.artifact.hf_native.layout import NativeFormatError, NativeLayout
 from moefx.artifact.shards import PlannedTensor
 
+_SHARED = ("shared_experts.in_proj.weight", "shared_experts.out_proj.weight", "shared_gate.weight")
 _IN_DECODER_LAYER = re.compile(r"^(model\.layers\.\d+\.[^.]+)\.(.+)$")  # (the layer's MLP or block, the rest)
 
 
@@ -66,9 +73,12 @@ def native_plan(plan: Sequence[PlannedTensor], layout: NativeLayout) -> list[Pla
             continue
         seen[path].add(rest)
         block = f"model.layers.{layout.moe_layers[path]}.{layout.family.block}"
+        if rest.startswith("shared_"):
+            out.extend(_shared_tensors(entry, rest, block, stacks))
+            continue
         out.extend(_moe_tensors(entry, rest, block, layout, stacks))
     for path, names in seen.items():
-        missing = {"router.weight", "experts.in_proj", "experts.out_proj"} - names
+        missing = {"router.weight", "experts.in_proj", "experts.out_proj", *(_SHARED if layout.shared_width else ())} - names
         if missing:
             raise NativeFormatError(f"the plan lacks {sorted(missing)} of the MoE layer at {path}")
     return out
@@ -78,7 +88,7 @@ def _moe_tensors(entry: PlannedTensor, rest: str, block: str, layout: NativeLayo
     family = layout.family
     if rest == "router.weight":
         yield PlannedTensor(f"{block}.{family.router}", entry.shape, entry.dtype, entry.make)
-        if family.zero_shared_expert:
+        if family.gated_shared_expert and not layout.shared_width:
             yield from _zero_shared_expert(block, entry.shape[1], entry.dtype)
     elif rest in ("experts.in_proj", "experts.out_proj") and family.stacked is not None:
         name = family.stacked[0 if rest == "experts.in_proj" else 1]
@@ -97,6 +107,22 @@ def _moe_tensors(entry: PlannedTensor, rest: str, block: str, layout: NativeLayo
                                 lambda e=e: stacks.get(entry)[e])
     else:  # layout.py refuses the options that make other tensors; one here is a new kind of layer
         raise NativeFormatError(f"{entry.name} has no place in a {family.moe_type} checkpoint")
+
+
+def _shared_tensors(entry: PlannedTensor, rest: str, block: str, stacks: _LastStack) -> Iterator[PlannedTensor]:
+    """A layer's own shared experts and their gate, as Qwen2-MoE's shared expert (layout.py allows
+    them only in a family that has one, gated)."""
+    if rest == "shared_experts.in_proj.weight":
+        S2, D = entry.shape
+        S = S2 // 2
+        yield PlannedTensor(f"{block}.shared_expert.gate_proj.weight", (S, D), entry.dtype, lambda: stacks.get(entry)[:S])
+        yield PlannedTensor(f"{block}.shared_expert.up_proj.weight", (S, D), entry.dtype, lambda: stacks.get(entry)[S:])
+    elif rest == "shared_experts.out_proj.weight":
+        yield PlannedTensor(f"{block}.shared_expert.down_proj.weight", entry.shape, entry.dtype, entry.make)
+    elif rest == "shared_gate.weight":
+        yield PlannedTensor(f"{block}.shared_expert_gate.weight", entry.shape, entry.dtype, entry.make)
+    else:
+        raise NativeFormatError(f"{entry.name} has no place in a Qwen2-MoE checkpoint")
 
 
 def _zero_shared_expert(block: str, d_model: int, dtype: torch.dtype) -> Iterator[PlannedTensor]:

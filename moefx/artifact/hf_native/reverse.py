@@ -22,7 +22,7 @@ class Slot:
     zero shared expert, which the moefx model has no place for."""
 
     name: str | None
-    index: tuple = ()  # () the whole tensor; (e,) or (e, slice) one expert's rows
+    index: tuple = ()  # () the whole tensor; (e,) or (e, slice) one expert's rows; (slice,) the shared expert's
 
 
 def native_slots(model: nn.Module) -> dict[str, Slot]:
@@ -43,7 +43,13 @@ def native_slots(model: nn.Module) -> dict[str, Slot]:
                 slots[f"{block}.experts.{e}.{gate}"] = Slot(in_proj, (e, slice(0, H)))
                 slots[f"{block}.experts.{e}.{up}"] = Slot(in_proj, (e, slice(H, 2 * H)))
                 slots[f"{block}.experts.{e}.{down}"] = Slot(out_proj, (e,))
-        if family.zero_shared_expert:
+        if family.gated_shared_expert and layout.shared_width:  # the layer's own shared experts
+            S, shared = layout.shared_width, f"{path}.shared_experts"
+            slots[f"{block}.shared_expert.gate_proj.weight"] = Slot(f"{shared}.in_proj.weight", (slice(0, S),))
+            slots[f"{block}.shared_expert.up_proj.weight"] = Slot(f"{shared}.in_proj.weight", (slice(S, 2 * S),))
+            slots[f"{block}.shared_expert.down_proj.weight"] = Slot(f"{shared}.out_proj.weight")
+            slots[f"{block}.shared_expert_gate.weight"] = Slot(f"{path}.shared_gate.weight")
+        elif family.gated_shared_expert:
             for name in ("gate_proj", "up_proj", "down_proj"):
                 slots[f"{block}.shared_expert.{name}.weight"] = Slot(None)
             slots[f"{block}.shared_expert_gate.weight"] = Slot(None)
