@@ -13,9 +13,11 @@ back (``hf_native/reverse.py``), so a Trainer resumes from its own checkpoints. 
 package install it (``moefx.moefy`` wraps ``passes.driver.moefy``, which may not import artifact).
 
 Why the moefx directory refuses: its config.json is the dense model's with ``dtype`` set to a
-sentence naming ``moefx.load``. Every ``from_pretrained`` (the dense class or an Auto class, with
-or without ``dtype=``) resolves that field while reading the config, and fails with the sentence
-in its error, before any weight is read. The real dtype is kept under ``"moefx"``.
+sentence naming ``moefx.load``, and that sentence as the one key of ``id2label``. Building the
+config (the dense class or an Auto class) resolves ``dtype`` when ``from_pretrained`` is given
+none, and turns ``id2label``'s keys into ints in every case (``dtype=`` given too): either fails
+with the sentence in its error, before any weight is read. The real values are kept under
+``"moefx"``.
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ import transformers
 
 def build_model():
     fields = json.loads((Path(__file__).parent / "config.json").read_text())
-    dtype = fields.pop("moefx")["dtype"]
+    recorded = fields.pop("moefx")
+    dtype = recorded["dtype"]
+    fields["id2label"] = recorded["id2label"]  # the refusal's place: the real value is recorded
     config = transformers.AutoConfig.for_model(fields.pop("model_type"), **{**fields, "dtype": dtype})
     with torch.device("meta"):
         model = getattr(transformers, config.architectures[0])._from_config(config, dtype=getattr(torch, dtype))
@@ -157,8 +161,11 @@ def _write_moefx(model: nn.Module, out: Path, target: Path) -> None:
     refusal = (f"this directory holds a moefx checkpoint: its {type(model).__name__} has MoE layers in place of "
                f"MLPs, which transformers cannot build; load it with moefx.load({str(target)!r})")
     architecture = getattr(type(model), _SAVING_BASE, type(model)).__name__  # as save_pretrained records it
-    fields = {**model.config.to_dict(), "architectures": [architecture], "dtype": refusal,
-              "moefx": {"dtype": dtype, "load": "moefx.load(directory)"}}
+    config = model.config.to_dict()
+    # Both fields carry the refusal: dtype is resolved when from_pretrained is given none, and every
+    # config class converts id2label's keys to int (also when a dtype is given).
+    fields = {**config, "architectures": [architecture], "dtype": refusal, "id2label": {refusal: "moefx"},
+              "moefx": {"dtype": dtype, "id2label": config.get("id2label"), "load": "moefx.load(directory)"}}
     (out / CONFIG).write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
     copy_side_files(model, None, out)
 

@@ -15,7 +15,7 @@ never by class name. Each adoption is checked numerically before the model is to
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -39,6 +39,7 @@ class Adoption:
     blocks: tuple[tuple[AdoptedBlock, MoE], ...] = ()
     refused: tuple[tuple[str, str], ...] = ()
     originals: tuple[nn.Module, ...] = ()  # the blocks themselves, in the order of ``blocks`` (for ``undo``)
+    hooks: tuple = ()  # every module's forward hooks and transformers' "hooks installed" flag, before ``apply``
 
 
 def family_aux_loss_coef(model: nn.Module) -> float | None:
@@ -120,9 +121,43 @@ def apply(model: nn.Module, adoption: Adoption) -> None:
 
 
 def undo(model: nn.Module, adoption: Adoption) -> None:
-    """Put the original blocks back (a later step of moefy failed: the model is left as it was)."""
+    """Put the original blocks back (a later step of moefy failed: the model is left as it was), and the
+    hooks as they were: a forward run during moefy may have installed transformers' output-capturing
+    hooks on the moefx layers and marked the model as hooked, so that the blocks' own would never be."""
     for (_, layer), old in zip(adoption.blocks, adoption.originals):
         _swap(model, layer, old)
+    for module, saved, flag in adoption.hooks:
+        for name, hooks in zip(_HOOK_DICTS, saved):
+            getattr(module, name).clear()
+            getattr(module, name).update(hooks)
+        if flag is _UNSET:
+            module.__dict__.pop(_INSTALLED, None)
+        else:
+            module.__dict__[_INSTALLED] = flag
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+_INSTALLED = "_output_capturing_hooks_installed"  # transformers installs its recorders once per model
+_UNSET = object()
+
+
+def _hook_state(model: nn.Module) -> tuple:
+    return tuple((m, tuple(dict(getattr(m, n)) for n in _HOOK_DICTS), m.__dict__.get(_INSTALLED, _UNSET))
+                 for m in model.modules())
+
+
+def check_router_logits(model: nn.Module, paths: list[str]) -> None:
+    """transformers' ``output_router_logits`` records each block's router output by its class (an
+    ``OutputRecorder`` hook), which an adopted block no longer has: refuse before changing anything."""
+    for name, module in model.named_modules():
+        if getattr(getattr(module, "config", None), "output_router_logits", False) is True:
+            raise AdoptionError(
+                f"{type(model).__name__} has config.output_router_logits=True ({name or 'the model'}): transformers "
+                f"records router logits from the routers of its MoE blocks {paths}, which moefx adopts as its own "
+                "layers; set model.config.output_router_logits = False before moefy (and before moefx.load), "
+                "and take the router losses from moefx.aux_loss(model) or moefx.add_router_losses"
+            )
 
 
 def _swap(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
@@ -139,6 +174,9 @@ def adopt_blocks(model: nn.Module, *, num_experts: int | None, top_k: int | None
     whose forward branches on routing values, as eager expert loops do, cannot be exported)."""
     adoption = find_blocks(model)
     check_options(adoption, num_experts=num_experts, top_k=top_k)
+    if adoption.blocks:
+        check_router_logits(model, [spec.path for spec, _ in adoption.blocks])
+    adoption = replace(adoption, hooks=_hook_state(model))
     apply(model, adoption)
     return adoption
 
@@ -175,6 +213,8 @@ def readopt(model: nn.Module, adopted: dict, where) -> None:
             f"{type(model).__name__} does not match the adoption recorded in {where}: no module at {missing}: "
             "pass the model the output was converted from"
         )
+    if any(not isinstance(model.get_submodule(path), MoE) for path in adopted):
+        check_router_logits(model, list(adopted))
     for path, record in adopted.items():
         old = model.get_submodule(path)
         if isinstance(old, MoE):

@@ -48,8 +48,10 @@ def test_otherwise_a_directory_transformers_refuses_and_moefx_loads(tmp_path, fa
         dense_class = transformers.LlamaForCausalLM
     _trained(model)
     model.save_pretrained(tmp_path / "ck")
-    for loader in (dense_class.from_pretrained, transformers.AutoModelForCausalLM.from_pretrained,
-                   lambda d: dense_class.from_pretrained(d, dtype=torch.float32)):
+    auto = transformers.AutoModelForCausalLM.from_pretrained
+    for loader in (dense_class.from_pretrained, auto, lambda d: dense_class.from_pretrained(d, dtype=torch.float32),
+                   lambda d: auto(d, dtype=torch.float32), lambda d: auto(d, dtype="float32"),
+                   lambda d: auto(d, dtype=torch.bfloat16), lambda d: auto(d, dtype="auto")):
         with pytest.raises(Exception, match=r"moefx checkpoint.*load it with moefx\.load\("):
             loader(tmp_path / "ck")
     shutil.move(tmp_path / "ck", tmp_path / "moved")  # the directory is self-contained
