@@ -46,11 +46,7 @@ def run_convert(args: argparse.Namespace) -> int:
     _check_shard_size(args)
     file = check_model_file(args.model_py)
     out = Path(args.out or f"{file.stem}-moefx")
-    if not args.dry_run:
-        try:
-            refuse_existing(out.absolute(), args.force, marker=MARKERS[args.format])
-        except FileExistsError as err:
-            raise CLIError(str(err), code=2) from None
+    refuse_output(out, args)
     with _progress(enabled=not args.json) as stage:
         stage("load")
         built = _load(file, args.entry)
@@ -159,25 +155,38 @@ def _example_spec(inputs, kwargs) -> dict | None:
 
 def _write(model, out: Path, args, source: dict) -> None:
     """The converted model in ``--format``: moefx's own directory, or a native transformers MoE checkpoint."""
-    from moefx.artifact.shards import parse_size
     from moefx.converting import native_writer
 
     if args.format == "hf":
         try:
-            native_writer()(model, out, max_shard_size=parse_size(args.max_shard_size), force=args.force)
+            native_writer()(model, out, max_shard_size=shard_bytes(args), force=args.force)
         except ValueError as err:
             raise CLIError(f"{err}; nothing written") from err
         return
     save(model, out, force=args.force, source=source)
 
 
-def _check_shard_size(args) -> None:
+def refuse_output(out: Path, args) -> None:
+    """Exit 2 before any work when ``out`` is in the way (unless --force may replace it, or a dry run)."""
+    if not args.dry_run:
+        try:
+            refuse_existing(out.absolute(), args.force, marker=MARKERS[args.format])
+        except FileExistsError as err:
+            raise CLIError(str(err), code=2) from None
+
+
+def shard_bytes(args) -> int | None:
+    """--max-shard-size in bytes (None: no limit); a bad size exits 2."""
     from moefx.artifact.shards import parse_size
 
     try:
-        parse_size(args.max_shard_size)
+        return parse_size(args.max_shard_size)
     except ValueError as err:
         raise CLIError(str(err).replace("max_shard_size=", "--max-shard-size "), code=2) from None
+
+
+def _check_shard_size(args) -> None:
+    shard_bytes(args)
     if args.max_shard_size is not None and args.format == "moefx":
         raise CLIError("--max-shard-size applies to a checkpoint source or --format hf; a model file's moefx output is "
                        "one file: leave it out", code=2)

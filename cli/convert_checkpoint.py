@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-from moefx.artifact.atomic import refuse_existing
 from moefx.artifact.checkpoint_source import (
     CheckpointError,
     checkpoint_dtype,
@@ -18,11 +17,10 @@ from moefx.artifact.checkpoint_source import (
     token_inputs,
 )
 from moefx.artifact.format import read_manifest
-from moefx.artifact.shards import parse_size
 from moefx.artifact.streaming import convert_on_meta
 from moefx.cli.checks import CLIError
 from moefx.cli.views import make_console, summary_table
-from moefx.converting import MARKERS, load_to_adopt, write_converted
+from moefx.converting import load_to_adopt, write_converted
 from moefx.model import parameter_counts
 from moefx.passes.capture import CaptureError
 from moefx.passes.driver import NoFFNFound
@@ -31,21 +29,14 @@ from moefx.passes.rewrite import RewriteError
 
 
 def run_convert_checkpoint(args: argparse.Namespace, options: ConversionOptions) -> int:
-    from moefx.cli.convert import _count, _expert_sizes, _paths, _progress, _report_dry_run
+    from moefx.cli.convert import _count, _expert_sizes, _paths, _progress, _report_dry_run, refuse_output, shard_bytes
 
     if args.entry:
         raise CLIError(f"--entry names a builder in a Python model file; {args.model_py} is a checkpoint: leave it out",
                        code=2)
-    try:
-        shard_bytes = parse_size(args.max_shard_size)
-    except ValueError as err:
-        raise CLIError(str(err).replace("max_shard_size=", "--max-shard-size "), code=2) from None
+    max_shard_bytes = shard_bytes(args)
     out = Path(args.out or f"{Path(str(args.model_py).rstrip('/')).name}-{args.format}")
-    if not args.dry_run:
-        try:
-            refuse_existing(out.absolute(), args.force, marker=MARKERS[args.format])
-        except FileExistsError as err:
-            raise CLIError(str(err), code=2) from None
+    refuse_output(out, args)
     with _progress(enabled=not args.json) as stage:
         stage("load")
         try:
@@ -72,7 +63,7 @@ def run_convert_checkpoint(args: argparse.Namespace, options: ConversionOptions)
             return _report_dry_run(args, checkpoint.directory, dense, meta.found, planned, before)
         stage("write")
         try:
-            write_converted(meta, checkpoint, out, dtype=dtype, format=args.format, max_shard_bytes=shard_bytes,
+            write_converted(meta, checkpoint, out, dtype=dtype, format=args.format, max_shard_bytes=max_shard_bytes,
                             force=args.force)
         except (CheckpointError, ValueError) as err:
             raise CLIError(f"{err}; nothing written") from err

@@ -20,6 +20,8 @@ With ``overlap_chunks=1`` the exchange is the synchronous ``moefx::all_to_all`` 
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
@@ -82,7 +84,7 @@ class ScheduledDispatcher(AllToAllDispatcher):
             y_SD = torch.cat([y_src, y_src.new_zeros(1, D)]).index_select(0, position_S)  # dropped: zeros
         out_TD = torch.ops.moefx.unpermute(y_SD, weights_TK, slot_row_S, row_slot_S)
         local_rows = [sum(route.local_rows[i] for route in plan.routes) for i in range(self.local_experts)]
-        local_offsets = torch.tensor([0, *torch.tensor(local_rows).cumsum(0).tolist()], device=x_SD.device)
+        local_offsets = torch.tensor([0, *accumulate(local_rows)], device=x_SD.device)
         meta = DispatchMeta(row_slot_S, slot_row_S, local_offsets, offsets_E1,
                             exchange=self._stats(plan, counts, row_bytes, weight_bytes))
         return out_TD, meta
@@ -107,7 +109,7 @@ class ScheduledDispatcher(AllToAllDispatcher):
             if c + 1 < N:
                 in_flight = self._begin(x_src.index_select(0, send_index[c + 1]), plan, plan.routes[c + 1].stages[0],
                                         reverse=False)
-            offsets_L1 = torch.tensor([0, *torch.tensor(route.local_rows).cumsum(0).tolist()], device=device)
+            offsets_L1 = torch.tensor([0, *accumulate(route.local_rows)], device=device)
             y_XD = experts(x_XD, offsets_L1)
             last = route.stages[-1]
             y_XD = y_XD.index_select(0, plan.gather_index(route.expert_blocks, last.recv_blocks, device))
